@@ -1,0 +1,41 @@
+"""The drafter interface: propose a tree; observe what the target computed.
+
+A drafter never decides what is emitted: the verifier does, so any drafter is lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..tree import Draft
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may look at when proposing."""
+
+    tokens: list[int]  # prompt + output so far; tokens[-1] is the root (not yet in the KV cache)
+    root: torch.Tensor  # [1] int64 on the model's device: tokens[-1], without a host round trip
+    prompt_len: int
+    budget: int  # most draft nodes (root excluded) the engine can take this step
+
+
+class Drafter:
+    name = "none"
+
+    def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        """A new request starts. ``prompt_logits`` ([L, V]) only if ``wants_prompt_logits``."""
+
+    wants_prompt_logits = False
+
+    def propose(self, ctx: DraftContext) -> Draft | None:
+        """A tree rooted at ``ctx.root`` or None for a plain one-token step."""
+        return None
+
+    def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:
+        """``logits`` [n, V] for every node of ``draft``; ``accepted`` = the tokens emitted this step."""
+
+    def end(self, tokens: list[int]) -> None:
+        """The request finished with these tokens (prompt + output)."""

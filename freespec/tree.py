@@ -1,0 +1,230 @@
+"""Draft trees: structure (parents, depth, ancestor mask, root-to-node paths) and templates.
+
+A draft tree has ``n`` nodes; node 0 is the *root*: the last committed token, whose KV is not
+in the cache yet. Every other node is a guessed continuation of its parent. Nodes are stored
+in topological order (``parents[i] < i``), so one pass over depths builds everything.
+
+Tree attention: node ``i`` attends to the cached prefix and to ``ancestors[i]`` (its
+ancestors and itself); its position id is ``prefix_len + depth[i]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence
+
+import torch
+
+
+class TreeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class TreeShape:
+    """The structure of a draft tree, independent of its tokens (cached for static templates)."""
+
+    parents: torch.Tensor  # [n] int64, parents[0] == -1
+    depth: torch.Tensor  # [n] int64
+    ancestors: torch.Tensor  # [n, n] bool: ancestors[i, j] <=> j is i or an ancestor of i
+    paths: torch.Tensor  # [n, max_depth + 1] int64: paths[i, d] = ancestor of i at depth d (0 past depth[i])
+    max_depth: int
+    parents_list: tuple[int, ...] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents_list)
+
+    @staticmethod
+    def from_parents(parents: Sequence[int], device: torch.device | str = "cpu") -> "TreeShape":
+        parents = tuple(int(p) for p in parents)
+        n = len(parents)
+        if n == 0 or parents[0] != -1:
+            raise TreeError("a tree needs a root: parents[0] must be -1")
+        depth = [0] * n
+        for i in range(1, n):
+            p = parents[i]
+            if not 0 <= p < i:
+                raise TreeError(f"node {i} has parent {p}: nodes must come after their parent")
+            depth[i] = depth[p] + 1
+        max_depth = max(depth)
+        # paths[i, d]: walk up from each node; one vectorised step per depth level.
+        par = torch.tensor(parents, dtype=torch.long)
+        dep = torch.tensor(depth, dtype=torch.long)
+        paths = torch.zeros(n, max_depth + 1, dtype=torch.long)
+        cur = torch.arange(n)
+        for _ in range(max_depth + 1):
+            d = dep[cur]
+            paths[torch.arange(n), d] = cur
+            cur = torch.where(d > 0, par.clamp(min=0)[cur], cur)
+        # ancestors from paths: j is an ancestor-or-self of i iff paths[i, depth[j]] == j.
+        idx = torch.arange(n)
+        ancestors = (paths[:, dep] == idx[None, :]) & (dep[None, :] <= dep[:, None])
+        device = torch.device(device)
+        return TreeShape(
+            parents=par.to(device),
+            depth=dep.to(device),
+            ancestors=ancestors.to(device),
+            paths=paths.to(device),
+            max_depth=max_depth,
+            parents_list=parents,
+        )
+
+    def to(self, device: torch.device | str) -> "TreeShape":
+        device = torch.device(device)
+        if self.parents.device == device:
+            return self
+        return TreeShape(
+            parents=self.parents.to(device),
+            depth=self.depth.to(device),
+            ancestors=self.ancestors.to(device),
+            paths=self.paths.to(device),
+            max_depth=self.max_depth,
+            parents_list=self.parents_list,
+        )
+
+    def attention_bias(self, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive 4-D mask [1, 1, n, prefix_len + n]: 0 where a node may attend, dtype-min elsewhere.
+
+        Float, never bool: HF's eager attention silently misreads a boolean 4-D mask.
+        """
+        n = self.size
+        neg = torch.finfo(dtype).min
+        bias = torch.zeros(1, 1, n, prefix_len + n, dtype=dtype, device=self.parents.device)
+        bias[0, 0, :, prefix_len:].masked_fill_(~self.ancestors, neg)
+        return bias
+
+    def position_ids(self, prefix_len: int) -> torch.Tensor:
+        return (self.depth + prefix_len).unsqueeze(0)
+
+
+@dataclass(frozen=True, eq=False)
+class Draft:
+    """A proposed tree: tokens laid on a shape. ``tokens[0]`` is the root (last committed token)."""
+
+    tokens: torch.Tensor  # [n] int64, on the model's device
+    shape: TreeShape
+
+    @property
+    def size(self) -> int:
+        return self.shape.size
+
+
+# --------------------------------------------------------------------------- templates
+@dataclass(frozen=True)
+class TreeTemplate:
+    """A static tree given as rank paths: node (0, 2) is the 3rd candidate after the 1st one.
+
+    Drafters that keep top-k candidate lists per token (Token Recycling) fill a template by
+    one gather per level: token(node) = M[token(parent), rank(node)].
+    """
+
+    name: str
+    paths: tuple[tuple[int, ...], ...]  # without the root, sorted by (depth, path)
+
+    def __post_init__(self):
+        seen = {()}
+        for p in self.paths:
+            if p[:-1] not in seen:
+                raise TreeError(f"template {self.name}: node {p} has no parent in the template")
+            if p in seen:
+                raise TreeError(f"template {self.name}: node {p} appears twice")
+            seen.add(p)
+
+    @property
+    def size(self) -> int:
+        """Number of draft nodes (the root not counted)."""
+        return len(self.paths)
+
+    @property
+    def max_rank(self) -> int:
+        return 1 + max((r for p in self.paths for r in p), default=-1)
+
+    def nodes_per_level(self) -> list[int]:
+        out: list[int] = []
+        for p in self.paths:
+            while len(out) < len(p):
+                out.append(0)
+            out[len(p) - 1] += 1
+        return out
+
+    def parents(self) -> list[int]:
+        index = {(): 0}
+        parents = [-1]
+        for i, p in enumerate(self.paths, start=1):
+            parents.append(index[p[:-1]])
+            index[p] = i
+        return parents
+
+    def ranks(self) -> list[int]:
+        return [0] + [p[-1] for p in self.paths]
+
+    def subtree(self, n: int, name: str | None = None) -> "TreeTemplate":
+        """The ``n`` most promising nodes, closed under parents (a prior: lower ranks first)."""
+        if n >= self.size:
+            return self
+        order = sorted(self.paths, key=lambda p: (-_prior(p), len(p), p))
+        keep = set(order[:n])
+        return TreeTemplate(name or f"{self.name}[{n}]", tuple(p for p in self.paths if p in keep))
+
+
+# Rough probability that the rank-r candidate is the target's next token, used only to order
+# nodes when a template is cut down or built; acceptance statistics replace it where known.
+_RANK_PRIOR = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013, 0.01, 0.008)
+
+
+def _prior(path: tuple[int, ...]) -> float:
+    p = 1.0
+    for r in path:
+        p *= _RANK_PRIOR[r] if r < len(_RANK_PRIOR) else 0.005
+    return p
+
+
+def build_template(name: str, per_level: Sequence[int], k: int = 8) -> TreeTemplate:
+    """Grow a template level by level, keeping the ``per_level[d]`` highest-prior children."""
+    levels: list[list[tuple[int, ...]]] = [[()]]
+    for width in per_level:
+        cands = [p + (r,) for p in levels[-1] for r in range(k)]
+        cands.sort(key=lambda p: (-_prior(p), p))
+        levels.append(sorted(cands[:width]))
+    return TreeTemplate(name, tuple(p for lvl in levels[1:] for p in lvl))
+
+
+def chain(depth: int) -> TreeTemplate:
+    return TreeTemplate(f"chain{depth}", tuple((0,) * d for d in range(1, depth + 1)))
+
+
+@lru_cache(maxsize=None)
+def _builtin() -> dict[str, TreeTemplate]:
+    data = json.loads(resources.files("freespec.data").joinpath("trees.json").read_text())
+    out = {}
+    for name, paths in data.items():
+        out[name] = TreeTemplate(name, tuple(tuple(p) for p in paths))
+    return out
+
+
+def template_names() -> list[str]:
+    return sorted(_builtin())
+
+
+def get_template(spec: str | int | TreeTemplate) -> TreeTemplate:
+    """A template by name (``tr80``, ``tr16`` ...), by node count (a cut of ``tr80``), or as given."""
+    if isinstance(spec, TreeTemplate):
+        return spec
+    s = str(spec).strip()
+    if s.isdigit():
+        n = int(s)
+        if n < 0:
+            raise TreeError("a tree needs at least 0 draft nodes")
+        return _builtin()["tr80"].subtree(n, name=f"tr80[{n}]") if n < 80 else _builtin()["tr80"]
+    if s.startswith("chain") and s[5:].isdigit():
+        return chain(int(s[5:]))
+    try:
+        return _builtin()[s]
+    except KeyError:
+        raise TreeError(
+            f"unknown tree template {s!r}; known: {', '.join(template_names())}, chainN, or a node count"
+        ) from None

@@ -1,0 +1,119 @@
+"""Acceptance rules: which path of a draft tree the target model agrees with.
+
+Both rules share one walk: given the token the target emits after every node (its argmax
+under greedy decoding, a sample from its distribution under sampling), a node is accepted
+when its token equals the target's token after its parent and its parent is accepted. The
+deepest accepted node wins; the target's token there is the bonus token.
+
+Sampling stays exact for deterministic drafts: drawing a sample at every node up front is
+the same as drawing lazily along the walk, because the samples are independent and the walk
+only looks at the nodes it visits. Sibling duplicates are ignored (the first one counts),
+so the walk never chooses between equal children by how far they happen to go.
+
+All of it is a handful of tensor ops on the model's device, no per-node Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .tree import Draft
+
+
+class SamplingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        t, p, k, m = self.temperature, self.top_p, self.top_k, self.min_p
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise SamplingError(f"top_p must be in (0, 1], got {p!r}")
+        if not (isinstance(k, int) and k >= 0):
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if not (isinstance(m, (int, float)) and 0 <= m < 1):
+            raise SamplingError(f"min_p must be in [0, 1), got {m!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(float(self.temperature)))
+        if self.top_k:
+            procs.append(TopKLogitsWarper(int(self.top_k)))
+        if self.top_p < 1.0:
+            procs.append(TopPLogitsWarper(float(self.top_p)))
+        if self.min_p > 0:
+            procs.append(MinPLogitsWarper(float(self.min_p)))
+        return procs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Device tensors; ``emitted[:n_accepted + 1]`` are the new tokens (draft tokens, then bonus)."""
+
+    n_accepted: torch.Tensor  # 0-d int64: accepted draft tokens (depth of the chosen node)
+    path: torch.Tensor  # [max_depth + 1] node indices, root first
+    emitted: torch.Tensor  # [max_depth + 1] tokens
+
+
+def walk(draft: Draft, target: torch.Tensor, dedupe: bool = False) -> Verdict:
+    """Longest path whose tokens match ``target`` (the token emitted after each node)."""
+    shape, tok = draft.shape, draft.tokens
+    par = shape.parents
+    ok = torch.ones_like(tok, dtype=torch.bool)
+    ok[1:] = tok[1:] == target[par[1:]]
+    if dedupe and draft.size > 2:
+        n = draft.size
+        same = (par[:, None] == par[None, :]) & (tok[:, None] == tok[None, :])
+        earlier = torch.ones(n, n, dtype=torch.bool, device=tok.device).tril(-1)
+        ok &= ~(same & earlier).any(1)
+    accepted = ~(shape.ancestors & ~ok[None, :]).any(1)
+    score = torch.where(accepted, shape.depth, -1)
+    best = score.argmax()
+    depth = shape.depth[best]
+    path = shape.paths[best]
+    emitted = tok[path].roll(-1)  # tokens along the path, shifted: emitted[j] = token at depth j+1
+    emitted = emitted.scatter(0, depth.view(1), target[best].view(1))
+    return Verdict(n_accepted=depth, path=path, emitted=emitted)
+
+
+def greedy_verify(draft: Draft, logits: torch.Tensor) -> Verdict:
+    return walk(draft, logits.argmax(-1))
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample per row of ``logits`` [n, V] from the processed target distribution."""
+    scores = params.processors()(None, logits.float())
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+def sample_verify(
+    draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> Verdict:
+    return walk(draft, sample_tokens(logits, params, generator), dedupe=True)
