@@ -1,0 +1,1 @@
+"""Benchmark harness: datasets, side-by-side runs, reports."""

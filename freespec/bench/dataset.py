@@ -1,0 +1,70 @@
+"""Prompt sets: the built-in demo set and Spec-Bench-style jsonl files.
+
+A question is {question_id, category, turns: [str, ...]}; multi-turn questions run turn by
+turn, each answer kept in the next turn's context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    category: str
+    turns: tuple[str, ...]
+
+
+def builtin() -> list[Question]:
+    data = json.loads(resources.files("freespec.data").joinpath("prompts.json").read_text())
+    return [Question(str(d["id"]), d["category"], tuple(d["turns"])) for d in data]
+
+
+def load(path: str | Path | None) -> list[Question]:
+    """``None`` or ``"builtin"`` gives the built-in set; otherwise a jsonl file."""
+    if path is None or str(path) == "builtin":
+        return builtin()
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"dataset file {p} does not exist (use 'builtin' or a Spec-Bench question.jsonl)")
+    out = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise DatasetError(f"{p}:{lineno}: expected a JSON object per line")
+        turns = d.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise DatasetError(f"{p}:{lineno}: 'turns' must be a non-empty list of non-empty strings")
+        qid = d.get("question_id", d.get("id", lineno))
+        out.append(Question(str(qid), str(d.get("category", "default")), tuple(turns)))
+    if not out:
+        raise DatasetError(f"{p} holds no questions")
+    return out
+
+
+def per_category(questions: list[Question], n: int | None) -> list[Question]:
+    """The first ``n`` questions of each category, in file order (all if n is None)."""
+    if n is None:
+        return list(questions)
+    if n <= 0:
+        raise DatasetError("--per-category must be a positive integer")
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        if seen.get(q.category, 0) < n:
+            seen[q.category] = seen.get(q.category, 0) + 1
+            out.append(q)
+    return out

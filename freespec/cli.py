@@ -1,0 +1,185 @@
+"""The ``freespec`` command line: generate, demo, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="catalog name (see 'freespec models list'), a .gguf file, a HF model directory or a hub id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "hf", "native"],
+                   help="model implementation: HF eager, or freespec's static-cache one (CUDA graphs on GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 avoids stalls on a busy machine)")
+
+
+def _add_draft_args(p: argparse.ArgumentParser) -> None:
+    from .drafters import DRAFTERS
+
+    p.add_argument("--drafter", default="recycling", choices=sorted(DRAFTERS),
+                   help="draft method; 'none' = plain decoding through the same engine")
+    p.add_argument("--tree", default=None,
+                   help="draft tree template: a name (tr4 tr8 tr16 tr32 tr48 tr80 tr160), chainN, or a node count "
+                        "(default: chosen per device)")
+
+
+def load_engine(args, drafter=None):
+    """Model, tokenizer and an Engine as the arguments ask."""
+    from .backends import make_backend
+    from .drafters.recycling import default_template
+    from .engine import Engine
+    from .models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model, tok = load(args.model, dtype=dtype, device=device)
+    backend = make_backend(model, prefer=args.backend)
+    name = getattr(args, "drafter", "recycling") if drafter is None else drafter
+    tree = getattr(args, "tree", None) or default_template(backend.device)
+    engine = Engine(model, tok, drafter=name, backend=backend, template=tree)
+    return engine
+
+
+def _sampling(args):
+    from .verify import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    from .engine import EngineError
+
+    sampling = _sampling(args)
+    engine = load_engine(args)
+    out = sys.stdout
+    try:
+        res = engine.generate(
+            args.prompt,
+            args.max_new_tokens,
+            chat=args.chat,
+            stop=args.stop,
+            sampling=sampling,
+            on_text=None if args.json else (lambda s: (out.write(s), out.flush())),
+        )
+    except EngineError as e:
+        raise SystemExit(f"freespec: error: {e}")
+    if args.json:
+        print(json.dumps({"text": res.text, "finish_reason": res.finish_reason, "stats": res.stats.as_dict()}))
+        return 0
+    out.write("\n")
+    st = res.stats
+    d = engine.drafter
+    desc = "plain" if d is None else f"{d.name} ({getattr(d, 'template', None) and d.template.name})"
+    print(
+        f"\n[{desc}] {st.new_tokens} tokens in {st.time_total:.2f}s = {st.tokens_per_second:.1f} tok/s | "
+        f"steps {st.steps} | MAT {st.mat:.2f} | prefill {st.time_prefill:.2f}s draft {st.time_draft:.2f}s "
+        f"verify {st.time_verify:.2f}s other {st.time_other:.2f}s | finish: {res.finish_reason}",
+        file=sys.stderr,
+    )
+    hist = " ".join(f"{k}:{v}" for k, v in sorted(st.tokens_per_step.items()))
+    print(f"tokens per step (tokens:steps): {hist}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_models(args) -> int:
+    from . import models
+
+    try:
+        if args.action == "list":
+            rows = models.list_models()
+            print(f"{'name':<22}{'size':>10}  {'installed':<10}path")
+            for r in rows:
+                size = f"{r['size_bytes'] / 1e6:.0f} MB"
+                print(f"{r['name']:<22}{size:>10}  {'yes' if r['installed'] else 'no':<10}{r['path'] or ''}")
+            print(f"\nmodels live under {models.home_dir()} (set FREESPEC_HOME to move them)")
+        elif args.action == "pull":
+            print(models.pull(args.name))
+        elif args.action == "rm":
+            print("removed" if models.remove(args.name) else f"{args.name} was not installed")
+        elif args.action == "path":
+            print(models.model_path(args.name))
+    except models.ModelError as e:
+        raise SystemExit(f"freespec: error: {e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="freespec", description="Lossless speculative decoding for HF causal LMs.")
+    ap.add_argument("--version", action="version", version=f"freespec {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streaming, and print statistics")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_draft_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="plain decoding vs Token Recycling on the built-in prompts")
+    _add_model_args(d)
+    d.add_argument("--tree", default=None, help="draft tree template (default: chosen per device)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--prompts", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")
+    d.add_argument("--limit", type=int, default=None, help="run only the first N prompts")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="the offline model catalog")
+    msub = m.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="catalog models, their size and whether they are installed")
+    for name, text in (("pull", "download and verify a model"), ("rm", "delete a downloaded model"),
+                       ("path", "print a downloaded model's file path")):
+        x = msub.add_parser(name, help=text)
+        x.add_argument("name")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .models import ModelError
+    from .verify import SamplingError
+
+    try:
+        return args.func(args) or 0
+    except (ModelError, SamplingError, ValueError) as e:
+        raise SystemExit(f"freespec: error: {e}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+import torch
+
+from freespec.drafters import DraftContext
+from freespec.drafters.recycling import TokenRecycling
+from freespec.tree import get_template
+
+
+def _ctx(root: int):
+    return DraftContext(tokens=[root], root=torch.tensor([root]), prompt_len=1, budget=1000)
+
+
+def test_update_overwrites_rows_with_topk():
+    tr = TokenRecycling(vocab_size=20, template="tr8", k=4)
+    logits = torch.randn(3, 20)
+    tokens = torch.tensor([5, 7, 9])
+    tr.update(tokens, logits)
+    for i, t in enumerate(tokens.tolist()):
+        assert tr.matrix[t].tolist() == logits[i].topk(4).indices.tolist()
+    assert tr.matrix.dtype == torch.int32
+    assert (tr.matrix[0] == 0).all()  # untouched rows stay
+
+
+def test_propose_is_one_gather_per_level():
+    tr = TokenRecycling(vocab_size=50, template="tr80", k=8)
+    g = torch.Generator().manual_seed(0)
+    tr.matrix.copy_(torch.randint(0, 50, (50, 8), generator=g, dtype=torch.int32))
+    draft = tr.propose(_ctx(3))
+    t = get_template("tr80")
+    tokens = draft.tokens.tolist()
+    assert tokens[0] == 3 and len(tokens) == 81
+    index = {(): 0}
+    for i, path in enumerate(t.paths, start=1):
+        index[path] = i
+        parent_tok = tokens[index[path[:-1]]]
+        assert tokens[i] == tr.matrix[parent_tok, path[-1]].item()
+
+
+def test_save_load_reset(tmp_path):
+    tr = TokenRecycling(vocab_size=30, template="tr8", k=8)
+    tr.update(torch.tensor([1, 2]), torch.randn(2, 30))
+    f = tmp_path / "m.pt"
+    tr.save(f)
+    other = TokenRecycling(vocab_size=30, template="tr8", k=8)
+    other.load(f)
+    assert torch.equal(other.matrix, tr.matrix)
+    tr.reset()
+    assert int(tr.matrix.abs().sum()) == 0
+    wrong = TokenRecycling(vocab_size=31, template="tr8", k=8)
+    try:
+        wrong.load(f)
+    except ValueError as e:
+        assert "shape" in str(e)
+    else:
+        raise AssertionError("a matrix of the wrong shape must be refused")
+
+
+def test_empty_template_means_plain_step():
+    tr = TokenRecycling(vocab_size=10, template=0)
+    assert tr.propose(_ctx(1)) is None

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from freespec.tree import TreeError, TreeShape, TreeTemplate, build_template, get_template, template_names
+
+
+def test_shape_from_parents():
+    #        0
+    #      1   2
+    #     3 4   5
+    #     6
+    s = TreeShape.from_parents([-1, 0, 0, 1, 1, 2, 3])
+    assert s.depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert s.max_depth == 3
+    anc = s.ancestors
+    assert anc[6].nonzero().view(-1).tolist() == [0, 1, 3, 6]
+    assert anc[5].nonzero().view(-1).tolist() == [0, 2, 5]
+    assert anc[0].nonzero().view(-1).tolist() == [0]
+    assert s.paths[6].tolist() == [0, 1, 3, 6]
+    assert s.paths[5].tolist()[:3] == [0, 2, 5]
+
+
+def test_mask_and_positions():
+    s = TreeShape.from_parents([-1, 0, 0, 1])
+    bias = s.attention_bias(prefix_len=5, dtype=torch.float32)
+    assert bias.shape == (1, 1, 4, 9)
+    assert (bias[0, 0, :, :5] == 0).all()  # everyone sees the prefix
+    visible = bias[0, 0, :, 5:] == 0
+    assert visible.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, False, True, False],
+        [True, True, False, True],
+    ]
+    assert bias.dtype == torch.float32 and bias.min() == torch.finfo(torch.float32).min
+    assert s.position_ids(5).tolist() == [[5, 6, 6, 7]]
+
+
+@pytest.mark.parametrize("parents", [[0], [-1, 1], [-1, 0, 3, 1], []])
+def test_bad_parents(parents):
+    with pytest.raises(TreeError):
+        TreeShape.from_parents(parents)
+
+
+def test_builtin_templates():
+    t80 = get_template("tr80")
+    assert t80.size == 80
+    assert t80.nodes_per_level() == [8, 21, 25, 15, 8, 3]
+    assert t80.max_rank == 8
+    for name in template_names():
+        t = get_template(name)
+        TreeShape.from_parents(t.parents())  # valid topological order
+        assert len(set(t.paths)) == t.size
+    small = get_template("tr16")
+    assert small.size == 16 and set(small.paths) <= set(t80.paths)
+    assert get_template(10).size == 10
+    assert get_template("chain4").paths == ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0))
+    with pytest.raises(TreeError, match="unknown tree template"):
+        get_template("nope")
+
+
+def test_template_rejects_orphans():
+    with pytest.raises(TreeError):
+        TreeTemplate("bad", ((0,), (1, 0, 0)))
+
+
+def test_subtree_is_closed_under_parents():
+    t = build_template("x", [8, 21, 25, 15, 8, 3])
+    for n in range(0, 81):
+        s = t.subtree(n)
+        keep = set(s.paths)
+        assert len(keep) == n
+        assert all(p[:-1] in keep or len(p) == 1 for p in keep)

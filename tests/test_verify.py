@@ -1,0 +1,58 @@
+import torch
+
+from freespec.tree import Draft, TreeShape
+from freespec.verify import SamplingError, SamplingParams, greedy_verify, walk
+
+import pytest
+
+
+def _onehot_logits(targets, vocab=10):
+    logits = torch.full((len(targets), vocab), -5.0)
+    logits[torch.arange(len(targets)), torch.tensor(targets)] = 5.0
+    return logits
+
+
+def test_greedy_deepest_matching_path():
+    # tree: 0(root=1) -> 1(tok 2) -> 3(tok 3) ; 0 -> 2(tok 4) -> 4(tok 5) -> 5(tok 6)
+    shape = TreeShape.from_parents([-1, 0, 0, 1, 2, 4])
+    draft = Draft(torch.tensor([1, 2, 4, 3, 5, 6]), shape)
+    # target after each node: root->4, node1->3, node2->5, node3->9, node4->7, node5->8
+    v = greedy_verify(draft, _onehot_logits([4, 3, 5, 9, 7, 8]))
+    # node2 (4) accepted, node4 (5) accepted, node5 (6) rejected (target 7): bonus 7
+    assert int(v.n_accepted) == 2
+    assert v.path.tolist()[:3] == [0, 2, 4]
+    assert v.emitted.tolist()[:3] == [4, 5, 7]
+
+
+def test_greedy_nothing_accepted():
+    shape = TreeShape.from_parents([-1, 0, 1])
+    draft = Draft(torch.tensor([1, 2, 3]), shape)
+    v = greedy_verify(draft, _onehot_logits([9, 3, 4]))
+    assert int(v.n_accepted) == 0
+    assert v.emitted.tolist()[0] == 9
+
+
+def test_child_of_rejected_node_is_not_accepted():
+    # node2 matches its parent's target but its parent (node1) was rejected
+    shape = TreeShape.from_parents([-1, 0, 1])
+    draft = Draft(torch.tensor([1, 2, 3]), shape)
+    v = greedy_verify(draft, _onehot_logits([7, 3, 4]))
+    assert int(v.n_accepted) == 0
+
+
+def test_dedupe_prefers_first_sibling():
+    shape = TreeShape.from_parents([-1, 0, 0, 2])
+    draft = Draft(torch.tensor([1, 5, 5, 6]), shape)
+    target = torch.tensor([5, 0, 6, 0])
+    assert int(walk(draft, target, dedupe=False).n_accepted) == 2  # through the duplicate
+    v = walk(draft, target, dedupe=True)
+    assert int(v.n_accepted) == 1 and v.path.tolist()[:2] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+           dict(min_p=1.0)]
+)
+def test_bad_sampling_params(kw):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kw)
