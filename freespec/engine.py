@@ -17,7 +17,7 @@ import torch
 from .backends.base import Backend
 from .drafters import Drafter, DraftContext, make_drafter
 from .tree import Draft, TreeShape
-from .verify import SamplingParams, greedy_verify, sample_verify
+from .verify import PositionNoise, SamplingParams, greedy_verify, sample_tokens, sample_verify
 
 
 class EngineError(ValueError):
@@ -190,13 +190,14 @@ class Engine:
     def _run(self, prompt_ids, limit, stop, sampling) -> Iterator[str]:
         be, drafter, dev = self.backend, self.drafter, self.backend.device
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        gen = None
+        noise = None
         if not sampling.greedy:
             gen = torch.Generator(device=dev)
             if sampling.seed is not None:
                 gen.manual_seed(sampling.seed)
             else:
                 gen.seed()
+            noise = PositionNoise(be.vocab_size, dev, gen)
         sync = torch.cuda.synchronize if (self.profile and dev.type == "cuda") else (lambda: None)
         clock = time.perf_counter
 
@@ -213,9 +214,7 @@ class Engine:
         if sampling.greedy:
             root = last.argmax(-1).view(1)
         else:
-            from .verify import sample_tokens
-
-            root = sample_tokens(last.view(1, -1), sampling, gen)
+            root = sample_tokens(last.view(1, -1), sampling, noise.take(torch.zeros(1, dtype=torch.long, device=dev), 0))
         first = int(root.item())
         sync()
         t1 = clock()
@@ -251,7 +250,9 @@ class Engine:
             if sampling.greedy:
                 verdict = greedy_verify(draft, logits)
             else:
-                verdict = sample_verify(draft, logits, sampling, gen)
+                pos = draft.shape.depth.to(dev) + len(out)  # the output position each node samples
+                rows = noise.take(pos, len(out) + draft.shape.max_depth)
+                verdict = sample_verify(draft, logits, sampling, rows)
             host = torch.cat([verdict.n_accepted.view(1), verdict.emitted]).tolist()  # the one sync
             tc = clock()
             n_acc = host[0]

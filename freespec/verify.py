@@ -106,14 +106,39 @@ def greedy_verify(draft: Draft, logits: torch.Tensor) -> Verdict:
     return walk(draft, logits.argmax(-1))
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One sample per row of ``logits`` [n, V] from the processed target distribution."""
+class PositionNoise:
+    """Gumbel noise tied to output positions: the token sampled for output position ``j`` is
+    ``argmax(processed_logits + G[j])``, with the rows ``G[j]`` drawn once, in position order,
+    from the request's seeded generator.
+
+    A categorical sample by the Gumbel-max rule is exact, so every tree node samples from the
+    target distribution; and since the noise depends on the position alone, never on which
+    drafts were proposed, a seeded run emits the same tokens as plain sampling with that seed.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, generator: torch.Generator, window: int = 256):
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.window = window
+        self.rows = torch.empty(window, vocab_size, dtype=torch.float32, device=device)
+        self.filled = 0  # positions [0, filled) have been drawn
+
+    def take(self, positions: torch.Tensor, last: int) -> torch.Tensor:
+        """Rows for ``positions`` ([n] device tensor, all within [last - window + 1, last])."""
+        while self.filled <= last:
+            j = self.filled % self.window
+            u = torch.rand(self.vocab_size, generator=self.generator, device=self.rows.device)
+            self.rows[j] = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+            self.filled += 1
+        return self.rows[positions % self.window]
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
+    """One sample per row of ``logits`` [n, V] from the processed target distribution
+    (Gumbel-max with the given noise rows [n, V])."""
     scores = params.processors()(None, logits.float())
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)
+    return (scores + noise).argmax(-1)
 
 
-def sample_verify(
-    draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> Verdict:
-    return walk(draft, sample_tokens(logits, params, generator), dedupe=True)
+def sample_verify(draft: Draft, logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> Verdict:
+    return walk(draft, sample_tokens(logits, params, noise), dedupe=True)

@@ -162,16 +162,30 @@ def test_sampling_keeps_target_distribution(drafter):
     exact = _exact_three_token_probs(model)
     d = FixedTree(VOCAB) if drafter == "fixed" else "recycling"
     eng = Engine(model, StubTokenizer(), drafter=d, template="tr8")
+    plain = Engine(model, StubTokenizer(), drafter=None)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     multi = 0
     for i in range(n):
-        res = eng.generate(PROMPT, 3, sampling=SamplingParams(temperature=TEMP, seed=1000 + i))
+        sp = SamplingParams(temperature=TEMP, seed=1000 + i)
+        res = eng.generate(PROMPT, 3, sampling=sp)
+        if i % 20 == 0:  # the noise is tied to positions: same seed, same tokens as plain sampling
+            assert res.tokens == plain.generate(PROMPT, 3, sampling=sp).tokens
         a, b, c = res.tokens
         counts[(a * VOCAB + b) * VOCAB + c] += 1
         multi += res.stats.steps == 1  # tokens 2 and 3 came from one tree pass
     assert multi > n // 10, "drafts were rarely accepted: the test would not exercise the tree walk"
     p = _p_value(counts, exact)
     assert p > 1e-4, f"sampled sequences do not follow the target distribution (p={p:.2e})"
+
+
+def test_seeded_sampling_matches_plain_sampling_over_long_runs():
+    model = tiny_model("qwen2", seed=2, initializer_range=0.05)
+    plain = Engine(model, StubTokenizer(), drafter=None)
+    tr = Engine(model, StubTokenizer(), drafter="recycling", template="tr80")
+    for seed in range(6):
+        sp = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=seed)
+        prompt = _prompts(1, 97, seed=seed)[0]
+        assert tr.generate(prompt, 60, sampling=sp).tokens == plain.generate(prompt, 60, sampling=sp).tokens
 
 
 def test_biased_sampler_would_be_caught():
