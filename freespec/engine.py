@@ -153,7 +153,9 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generate a continuation; ``on_text`` receives text pieces as they are decided."""
-        it = self.stream(prompt, max_new_tokens, chat=chat, stop=stop, sampling=sampling)
+        # without a listener or stop strings the text is decoded once, at the end
+        it = self.stream(prompt, max_new_tokens, chat=chat, stop=stop, sampling=sampling,
+                         _incremental=on_text is not None or bool(stop))
         while True:
             try:
                 piece = next(it)
@@ -170,6 +172,7 @@ class Engine:
         chat: bool = False,
         stop: Sequence[str] | None = None,
         sampling: SamplingParams | None = None,
+        _incremental: bool = True,
     ) -> Iterator[str]:
         """Yield text pieces; the generator's return value is the GenerationResult."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
@@ -184,10 +187,10 @@ class Engine:
                 f"{self.backend.max_length}: shorten the prompt"
             )
         limit = min(max_new_tokens, room)
-        return (yield from self._run(prompt_ids, limit, stop, sampling))
+        return (yield from self._run(prompt_ids, limit, stop, sampling, _incremental))
 
     @torch.inference_mode()
-    def _run(self, prompt_ids, limit, stop, sampling) -> Iterator[str]:
+    def _run(self, prompt_ids, limit, stop, sampling, incremental) -> Iterator[str]:
         be, drafter, dev = self.backend, self.drafter, self.backend.device
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         noise = None
@@ -276,9 +279,11 @@ class Engine:
                 finish = finish or "length"
             out.extend(new)
             tokens.extend(new)
-            piece, hit = detok.push(out, final=finish is not None)
-            if hit:
-                finish = "stop"
+            piece = ""
+            if incremental or finish is not None:
+                piece, hit = detok.push(out, final=finish is not None)
+                if hit:
+                    finish = "stop"
             sync()
             td = clock()
             stats.time_draft += tb - ta
