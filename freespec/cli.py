@@ -105,6 +105,17 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench.dataset import DatasetError
+    from .bench.harness import cli_main
+    from .bench.methods import BenchError
+
+    try:
+        return cli_main(args)
+    except (BenchError, DatasetError) as e:
+        raise SystemExit(f"freespec: error: {e}")
+
+
 def cmd_models(args) -> int:
     from . import models
 
@@ -164,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
         x = msub.add_parser(name, help=text)
         x.add_argument("name")
     m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmark methods side by side: speedup, MAT, output identity")
+    _add_model_args(b)
+    b.add_argument("--draft-model", default=None, help="draft model for methods that need one (hf-assisted, ...)")
+    b.add_argument("--methods", default="plain,recycling,hf-greedy",
+                   help="comma-separated: plain, DRAFTER[:TEMPLATE] (e.g. recycling, recycling:tr80), hf-greedy, "
+                        "hf-prompt-lookup, hf-assisted (default: plain,recycling,hf-greedy)")
+    b.add_argument("--dataset", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")
+    b.add_argument("--per-category", type=int, default=None, help="run only the first N questions of each category")
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--warmup-tokens", type=int, default=None, help="tokens per warm-up run (default: --max-new-tokens)")
+    b.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
+    b.set_defaults(func=cmd_bench)
     return ap
 
 
