@@ -1,0 +1,529 @@
+"""Native backend: a plain-PyTorch decoder forward for Llama-family models over the HF weights.
+
+Why: the HF forward costs a lot of Python and mask building per call, and its dynamic cache
+cannot be captured in a CUDA graph. This backend runs the same math on the model's *own*
+weight tensors (referenced, never copied) with:
+
+* one preallocated static KV cache for all layers, ``kv[layer, k|v, kv_head, slot, head_dim]``,
+  so keeping the accepted path after verification is one gather + one scatter over all layers;
+* the cache length held as a 0-d device tensor as well, so a verify forward has static shapes:
+  the attention mask is built on the device from that tensor and the tree's ancestor matrix;
+* on CUDA, the verify / one-token decode forward captured as a CUDA graph per
+  (tree-size bucket, KV-extent bucket), lazily on first use. Prefill always runs eagerly.
+
+Supported: ``llama`` (SmolLM2, Llama 2/3 incl. llama3 rope scaling), ``qwen2`` (q/k/v biases),
+``qwen3`` (q/k head norms), ``mistral`` (within its sliding window). Anything else raises
+:class:`UnsupportedModelError` (a ``NotImplementedError``); :func:`make_backend` falls back to
+the HF backend for those.
+
+Build the backend after the model's final ``.to(device / dtype)``: it keeps references to the
+weights and sizes its cache and graphs for that device and dtype (a later move is detected).
+
+GQA without copies: the ``g`` query heads that share a KV head are folded into the query-length
+dimension (``[kv_heads, g * n, head_dim]``), so attention reads the cache in place and any SDPA
+kernel that takes an additive mask can run it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..tree import Draft
+from .base import Backend
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256)
+DEFAULT_MAX_LENGTH = 4096
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The native backend cannot run this model; use ``HFBackend`` instead."""
+
+
+# --------------------------------------------------------------------------- model checks
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _sliding_window(cfg) -> int | None:
+    """The sliding window that applies to any layer, or None."""
+    sw = getattr(cfg, "sliding_window", None)
+    if not sw:
+        return None
+    if getattr(cfg, "model_type", "") == "mistral":
+        return int(sw)
+    types = getattr(cfg, "layer_types", None) or []
+    if any(t == "sliding_attention" for t in types):
+        return int(sw)
+    if getattr(cfg, "use_sliding_window", False):
+        return int(sw)
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the native backend cannot run ``model``, or None if it can."""
+    cfg = _text_config(model)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_TYPES:
+        return f"model type {mt!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
+        return "unexpected module layout (want model.model.{embed_tokens,layers,norm})"
+    if model.get_output_embeddings() is None:
+        return "the model has no output embedding (lm_head)"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} is not silu"
+    rot = getattr(inner, "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return "no rotary embedding module with inv_freq"
+    rope_type = getattr(rot, "rope_type", "default")
+    if not isinstance(rope_type, str) or rope_type in ("dynamic", "longrope"):
+        return f"rope type {rope_type!r} changes frequencies at run time"
+    quant = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quant, "quantization_config", None), "quant_method", "")).lower()
+    if quant is not None and "gguf" not in method:  # GGUF weights are dequantized at load time
+        return f"quantized weights ({method or type(quant).__name__}); load the model in a float dtype"
+    need = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for i, layer in enumerate(layers):
+        att, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if att is None or mlp is None or not all(hasattr(att, a) for a in need):
+            return f"layer {i}: unexpected attention/MLP layout"
+        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            return f"layer {i}: unexpected MLP layout"
+        if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm")):
+            return f"layer {i}: unexpected norm layout"
+    params = list(model.parameters())
+    devices = {p.device for p in params}
+    dtypes = {p.dtype for p in params}
+    if len(devices) != 1:
+        return f"weights are spread over several devices ({sorted(map(str, devices))})"
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return f"weights need one float dtype (found {sorted(map(str, dtypes))})"
+    return None
+
+
+def supports(model) -> bool:
+    return unsupported_reason(model) is None
+
+
+def make_backend(model, prefer: str = "auto", **kw) -> Backend:
+    """``native`` (raise if unsupported), ``hf``, or ``auto``: native whenever supported, else HF.
+
+    Measured (SmolLM2-135M, fp32, 700-token cache): on an H100 with graphs a verify forward is
+    about 8-10x faster than HF eager; on a 2-core CPU it is 10-25% faster (no graphs there) and
+    plain decoding about 10% faster, so ``auto`` picks native on the CPU too.
+    """
+    from .hf import HFBackend
+
+    if prefer == "hf":
+        return HFBackend(model)
+    if prefer == "native":
+        return NativeBackend(model, **kw)
+    if prefer != "auto":
+        raise ValueError(f"unknown backend {prefer!r}; use 'auto', 'native' or 'hf'")
+    if supports(model):
+        return NativeBackend(model, **kw)
+    return HFBackend(model)
+
+
+def tree_bucket(n: int) -> int:
+    for b in TREE_BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"a draft of {n} nodes is larger than the biggest bucket ({TREE_BUCKETS[-1]})")
+
+
+# --------------------------------------------------------------------------- the forward
+class _Layer:
+    __slots__ = (
+        "ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn",
+        "ln2", "wg", "bg", "wu", "bu", "wd", "bd",
+    )  # fmt: skip
+
+    def __init__(self, layer):
+        att, mlp = layer.self_attn, layer.mlp
+        self.ln1 = layer.input_layernorm.weight
+        self.ln2 = layer.post_attention_layernorm.weight
+        self.wq, self.bq = att.q_proj.weight, att.q_proj.bias
+        self.wk, self.bk = att.k_proj.weight, att.k_proj.bias
+        self.wv, self.bv = att.v_proj.weight, att.v_proj.bias
+        self.wo, self.bo = att.o_proj.weight, att.o_proj.bias
+        qn, kn = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+        self.qn = qn.weight if qn is not None else None
+        self.kn = kn.weight if kn is not None else None
+        self.wg, self.bg = mlp.gate_proj.weight, mlp.gate_proj.bias
+        self.wu, self.bu = mlp.up_proj.weight, mlp.up_proj.bias
+        self.wd, self.bd = mlp.down_proj.weight, mlp.down_proj.bias
+
+
+_FUSED_RMS = hasattr(F, "rms_norm")  # one kernel on CUDA instead of five
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # HF's LlamaRMSNorm: normalise in fp32, cast back, then scale
+    xf = x.float()
+    if _FUSED_RMS:
+        xf = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
+    else:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin`` as ``x * cos + swap_halves(x) * sin_s``, where
+    ``sin_s = [-sin, sin]`` carries rotate_half's sign: 3 kernels instead of 5."""
+    *lead, d = x.shape
+    swapped = x.view(*lead, 2, d // 2).flip(-2).view(*lead, d)
+    return torch.addcmul(x * cos, swapped, sin_s)
+
+
+@dataclass
+class _TreeBufs:
+    tok: torch.Tensor  # [nb] int64
+    depth: torch.Tensor  # [nb] int64 (0 for padding nodes)
+    anc: torch.Tensor  # [nb, nb] bool (padding nodes: themselves only)
+    eye: torch.Tensor  # [nb, nb] bool
+    shape: object = None  # the TreeShape whose structure depth/anc hold now
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    out: torch.Tensor  # [nb, V] logits, written by every replay
+
+
+class NativeBackend(Backend):
+    """Static-cache, graph-capturable Llama-family forward over the HF model's weights.
+
+    ``graphs``: None = on when the model is on CUDA. ``max_tree``: the largest draft (nodes,
+    root included) that ``verify`` accepts. ``kv_block``: on CUDA, attention reads the cache up to
+    ``cache_len + tree bucket`` rounded up to this many slots (one graph per extent bucket).
+    """
+
+    def __init__(
+        self,
+        model,
+        max_length: int | None = None,
+        graphs: bool | None = None,
+        max_tree: int = 256,
+        kv_block: int = 512,
+        prefill_chunk: int = 512,
+    ):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise UnsupportedModelError(f"native backend: {reason}; use the HF backend")
+        cfg = _text_config(model)
+        inner = model.model
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        head_w = model.get_output_embeddings().weight
+        self.vocab_size = int(head_w.shape[0])
+
+        max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        if max_length is None:
+            max_length = min(max_pos, DEFAULT_MAX_LENGTH)
+        max_length = int(max_length)
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        if max_length > max_pos:
+            raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings {max_pos}")
+        sw = _sliding_window(cfg)
+        if sw is not None and max_length > sw:
+            # A query sees its last `sw` keys only; staying inside the window keeps it exact.
+            max_length = sw
+        self.max_length = max_length
+        self.max_tree = int(max_tree)
+        self._max_bucket = tree_bucket(self.max_tree)
+        self.kv_block = int(kv_block)
+        self.prefill_chunk = int(prefill_chunk)
+
+        # dimensions (checked against the weights)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        if self.n_heads % self.n_kv:
+            raise UnsupportedModelError(f"{self.n_heads} query heads do not group over {self.n_kv} KV heads")
+        self.groups = self.n_heads // self.n_kv
+        a0 = inner.layers[0].self_attn
+        if (
+            a0.q_proj.weight.shape[0] != self.n_heads * self.head_dim
+            or a0.k_proj.weight.shape[0] != self.n_kv * self.head_dim
+        ):
+            raise UnsupportedModelError("projection shapes disagree with the config's head counts / head_dim")
+        self.scale = self.head_dim**-0.5  # as HF computes it
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self._neg = torch.finfo(self.dtype).min
+
+        # weights: references only
+        self._embed = inner.embed_tokens.weight
+        self._norm = inner.norm.weight
+        self._head = head_w
+        self._head_bias = getattr(model.get_output_embeddings(), "bias", None)
+        self._layers = [_Layer(layer) for layer in inner.layers]
+
+        dev = self.device
+        slots = self.max_length + self._max_bucket
+        self._slots = slots
+        with torch.no_grad():
+            rot = inner.rotary_emb
+            inv = rot.inv_freq.to(device=dev, dtype=torch.float32)
+            scaling = float(getattr(rot, "attention_scaling", 1.0))
+            freqs = torch.arange(slots, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = (emb.cos() * scaling).to(self.dtype)  # [slots, head_dim]
+            sin = (emb.sin() * scaling).to(self.dtype)
+            half = self.head_dim // 2
+            self._sin_s = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign folded in
+            self.kv = torch.zeros(
+                len(self._layers), 2, self.n_kv, slots, self.head_dim, dtype=self.dtype, device=dev
+            )
+            self._ar = torch.arange(slots, device=dev)
+            self._len_t = torch.zeros((), dtype=torch.long, device=dev)
+        self._len: int | None = 0  # host copy of the cache length; None after a device-side commit
+        self._len_hi = 0  # host upper bound on the cache length (exact when _len is known)
+
+        # CUDA graphs
+        self.graph_skip_reason: str | None = None
+        want = dev.type == "cuda" if graphs is None else bool(graphs)
+        if want and dev.type != "cuda":
+            self.graph_skip_reason = f"CUDA graphs need a CUDA device; the model is on {dev.type}: running eagerly"
+            if graphs:
+                warnings.warn(self.graph_skip_reason, stacklevel=2)
+            want = False
+        elif not want:
+            self.graph_skip_reason = "graphs=False" if dev.type == "cuda" else f"no CUDA device ({dev.type})"
+        self.graphs = want
+        # Bucketed = pad the draft to a tree bucket and read the cache up to a KV-extent bucket
+        # (static shapes). Always on with graphs; may be set on the CPU to run the exact code a
+        # graph captures, eagerly (the tests do).
+        self.bucketed = want
+        self._bufs: dict[int, _TreeBufs] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self._len_t.zero_()
+        self._len = 0
+        self._len_hi = 0
+
+    @property
+    def cache_len(self) -> int:
+        if self._len is None:  # after commit(n_keep=<device tensor>): one sync, off the hot path
+            self._len = int(self._len_t.item())
+            self._len_hi = self._len
+        return self._len
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
+    def _check_weights(self) -> None:
+        # Host-side attribute reads only. Moving or casting the model after building the backend
+        # would leave the cache (and captured graphs) on the old device / dtype.
+        w = self._embed
+        if w.dtype != self.dtype or w.device != self.device:
+            raise RuntimeError(
+                f"the model moved to {w.device}/{w.dtype} after this backend was built for "
+                f"{self.device}/{self.dtype}: build a new NativeBackend"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, tokens, pos, slots, vis, ext: int, keep: int | None = None):
+        """Run the decoder on ``tokens`` [n] at positions ``pos``; write their KV at ``slots``;
+        query i sees cache slot j < ext iff ``vis[i, j]``. Logits of the last ``keep`` rows
+        (all rows if None, none if 0)."""
+        n = tokens.shape[0]
+        hq, hkv, d, g = self.n_heads, self.n_kv, self.head_dim, self.groups
+        eps = self.eps
+        cos = self._cos.index_select(0, pos).unsqueeze(1)  # [n, 1, d]
+        sin_s = self._sin_s.index_select(0, pos).unsqueeze(1)
+        bias = torch.zeros(n, ext, dtype=self.dtype, device=tokens.device).masked_fill_(~vis, self._neg)
+        if g > 1:
+            bias = bias.repeat(g, 1)  # rows follow the folded query order (group, token)
+        bias = bias.view(1, 1, g * n, ext)
+        h = F.embedding(tokens, self._embed)
+        kv = self.kv
+        for li, w in enumerate(self._layers):
+            x = _rms(h, w.ln1, eps)
+            q = F.linear(x, w.wq, w.bq).view(n, hq, d)
+            k = F.linear(x, w.wk, w.bk).view(n, hkv, d)
+            v = F.linear(x, w.wv, w.bv).view(n, hkv, d)
+            if w.qn is not None:
+                q = _rms(q, w.qn, eps)
+                k = _rms(k, w.kn, eps)
+            qk = _rope(torch.cat((q, k), dim=1), cos, sin_s)  # one rope for q and k
+            q, k = qk[:, :hq], qk[:, hq:]
+            kc, vc = kv[li, 0], kv[li, 1]  # [hkv, slots, d]
+            kc.index_copy_(1, slots, k.transpose(0, 1))
+            vc.index_copy_(1, slots, v.transpose(0, 1))
+            # fold each KV head's g query heads into the query axis: rows (group, token)
+            qh = q.reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+            a = F.scaled_dot_product_attention(
+                qh, kc[None, :, :ext], vc[None, :, :ext], attn_mask=bias, scale=self.scale
+            )
+            a = a[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
+            h = h + F.linear(a, w.wo, w.bo)
+            x = _rms(h, w.ln2, eps)
+            h = h + F.linear(F.silu(F.linear(x, w.wg, w.bg)) * F.linear(x, w.wu, w.bu), w.wd, w.bd)
+        if keep is not None:
+            if keep == 0:
+                return None
+            h = h[n - keep :]
+        h = _rms(h, self._norm, eps)
+        return F.linear(h, self._head, self._head_bias)
+
+    def _tree_forward(self, tokens, depth, anc, nb: int, ext: int):
+        """Tree attention at the device-side cache length; static shapes for a given (nb, ext)."""
+        L = self._len_t
+        slots = self._ar[:nb] + L
+        pos = depth + L
+        rel = self._ar[:ext] - L  # key slot relative to the tree's first slot
+        cols = anc.index_select(1, rel.clamp(0, nb - 1))  # [nb, ext]
+        vis = (rel < 0) | ((rel < nb) & cols)
+        return self._forward(tokens, pos, slots, vis, ext)
+
+    # ------------------------------------------------------------------ Backend API
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        self._check_weights()
+        ids = ids.to(self.device).view(-1)
+        total = ids.shape[0]
+        if total == 0:
+            raise ValueError("prefill needs at least one token")
+        base = self.cache_len
+        if base + total > self.max_length:
+            raise ValueError(f"{base + total} tokens exceed this backend's max_length {self.max_length}")
+        outs = []
+        chunk = max(1, self.prefill_chunk)
+        for a in range(0, total, chunk):
+            b = min(total, a + chunk)
+            ext = base + b
+            pos = self._ar[base + a : base + b]
+            vis = self._ar[:ext][None, :] <= pos[:, None]
+            keep = None if all_logits else (1 if b == total else 0)
+            out = self._forward(ids[a:b], pos, pos, vis, ext, keep=keep)
+            if out is not None:
+                outs.append(out)
+        self._len = self._len_hi = base + total
+        self._len_t.fill_(base + total)
+        return torch.cat(outs) if all_logits else outs[-1][0]
+
+    @torch.inference_mode()
+    def verify(self, draft: Draft) -> torch.Tensor:
+        self._check_weights()
+        shape = draft.shape
+        n = shape.size
+        if n > self.max_tree:
+            raise ValueError(f"a draft of {n} nodes exceeds max_tree={self.max_tree}")
+        if self._len is not None and self._len + n > self.max_length:
+            raise ValueError(f"cache {self._len} + draft {n} exceeds max_length {self.max_length}")
+        if self.bucketed or self.graphs:
+            return self._verify_static(draft, n)
+        if shape.parents.device != self.device:
+            shape = shape.to(self.device)
+        ext = min(self._slots, self._len_hi + n)
+        return self._tree_forward(draft.tokens.to(self.device), shape.depth, shape.ancestors, n, ext)
+
+    @torch.inference_mode()
+    def commit(self, path: torch.Tensor, n_keep) -> None:
+        """Move the KV of ``path[:n_keep]`` to the slots after the cache; ``n_keep``: int or 0-d tensor.
+
+        The whole path is copied (fixed size); entries past ``n_keep`` land beyond the new
+        length and are overwritten later. One gather + one scatter over all layers.
+        """
+        path = path.to(self.device).view(-1)
+        p = path.shape[0]
+        L = self._len_t
+        src = path + L
+        dst = self._ar[:p] + L
+        self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+        if isinstance(n_keep, torch.Tensor):
+            self._len_t.add_(n_keep.to(device=self.device, dtype=torch.long).view(()))
+            self._len = None
+            self._len_hi += p
+        else:
+            n_keep = int(n_keep)
+            if not 0 <= n_keep <= p:
+                raise ValueError(f"n_keep={n_keep} is outside [0, {p}]")
+            self._len_t.add_(n_keep)
+            if self._len is not None:
+                self._len += n_keep
+                self._len_hi = self._len
+            else:
+                self._len_hi += n_keep
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _extent(self, nb: int) -> int:
+        need = self._len_hi + nb
+        blk = self.kv_block
+        return min(self._slots, -(-need // blk) * blk)
+
+    def _tree_bufs(self, nb: int) -> _TreeBufs:
+        b = self._bufs.get(nb)
+        if b is None:
+            dev = self.device
+            eye = torch.eye(nb, dtype=torch.bool, device=dev)
+            b = _TreeBufs(
+                tok=torch.zeros(nb, dtype=torch.long, device=dev),
+                depth=torch.zeros(nb, dtype=torch.long, device=dev),
+                anc=eye.clone(),
+                eye=eye,
+            )
+            self._bufs[nb] = b
+        return b
+
+    def _verify_static(self, draft: Draft, n: int) -> torch.Tensor:
+        nb = tree_bucket(n)
+        ext = self._extent(nb)
+        b = self._tree_bufs(nb)
+        shape = draft.shape
+        if b.shape is not shape:  # a new tree structure: refill depth / ancestors (padding = self only)
+            b.depth.zero_()
+            b.depth[:n].copy_(shape.depth)
+            b.anc.copy_(b.eye)
+            b.anc[:n, :n].copy_(shape.ancestors)
+            b.shape = shape
+        b.tok[:n].copy_(draft.tokens)
+        if not self.graphs:
+            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext)[:n]
+        g = self._graphs.get((nb, ext))
+        if g is None:
+            g = self._capture(nb, ext, b)
+        g.graph.replay()
+        return g.out[:n].clone()  # the static output is overwritten by the next replay
+
+    def _capture(self, nb: int, ext: int, b: _TreeBufs) -> _Graph:
+        def fn():
+            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext)
+
+        with torch.cuda.device(self.device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            cur = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # warm up (cuBLAS handles, kernel selection) off the capture
+                for _ in range(2):
+                    fn()
+            cur.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # The provisional KV writes are idempotent: warm-up and replay write the same slots.
+            # thread_local: CUDA work on other threads (a server's) does not break the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = fn()
+        g = _Graph(graph, out)
+        self._graphs[(nb, ext)] = g
+        return g
+
+    def clear_graphs(self) -> None:
+        """Drop captured graphs (e.g. to free their memory)."""
+        self._graphs.clear()
+        self._pool = None

@@ -1,0 +1,436 @@
+"""Native backend: logits equal to HF's, KV compaction, engine identity, graph capture (CUDA only)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from freespec.backends.hf import HFBackend
+from freespec.backends.native import (
+    NativeBackend,
+    UnsupportedModelError,
+    make_backend,
+    supports,
+    tree_bucket,
+    unsupported_reason,
+)
+from freespec.engine import Engine
+from freespec.tree import Draft, TreeShape, get_template
+
+ATOL = 1e-4
+
+
+class Tok:
+    """Stub tokenizer: enough for the engine with token-id prompts."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+COMMON = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,  # logits far apart: fp32 noise never decides a greedy tie
+)
+
+CONFIGS = {
+    "llama-gqa-tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "llama-mha-untied-bias": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+    ),
+    "llama-headdim-rope3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            head_dim=32,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=50000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "qwen2-gqa-bias-untied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen2-tied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "qwen3-qknorm": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, tie_word_embeddings=False)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
+}
+
+
+def make(name: str, seed: int = 0):
+    cfg_cls, model_cls, extra = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**{**COMMON, **extra}))
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def shape_of(template) -> TreeShape:
+    return TreeShape.from_parents(get_template(template).parents())
+
+
+def rand_ids(n, vocab=101, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def hf_logits(model, ids) -> torch.Tensor:
+    """Plain causal HF forward: logits [L, V]."""
+    return model(input_ids=torch.as_tensor(ids).view(1, -1)).logits[0]
+
+
+# --------------------------------------------------------------------------- logits vs HF
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_logits_match_hf(name):
+    model = make(name)
+    be = NativeBackend(model)
+    ids = rand_ids(45, seed=1)
+    ref = hf_logits(model, ids)
+    be.reset()
+    out = be.prefill(ids, all_logits=True)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
+    assert be.cache_len == 45
+    # chunked prefill + a second prefill on top of the cache give the same logits
+    be2 = NativeBackend(model, prefill_chunk=7)
+    be2.reset()
+    a = be2.prefill(ids[:30], all_logits=True)
+    b = be2.prefill(ids[30:], all_logits=True)
+    torch.testing.assert_close(torch.cat([a, b]), ref, atol=ATOL, rtol=1e-4)
+    last = NativeBackend(model, prefill_chunk=16)
+    last.reset()
+    torch.testing.assert_close(last.prefill(ids), ref[-1], atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_tree_verify_matches_linear_hf(name, bucketed):
+    """Every tree node's logits == HF run linearly over prefix + the node's root-to-node path."""
+    model = make(name)
+    be = NativeBackend(model)
+    be.bucketed = bucketed  # True: the padded, static-shape code a CUDA graph captures, run eagerly
+    prefix = rand_ids(33, seed=2)
+    shape = shape_of("tr16")
+    tokens = rand_ids(shape.size, seed=3)
+    be.reset()
+    be.prefill(prefix)
+    out = be.verify(Draft(tokens, shape))
+    assert out.shape == (shape.size, model.config.vocab_size)
+    for i in range(shape.size):
+        d = int(shape.depth[i])
+        path = tokens[shape.paths[i, : d + 1]]
+        ref = hf_logits(model, torch.cat([prefix, path]))[-1]
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=1e-4, msg=f"node {i}")
+    # and equal to the HF backend's own tree verify
+    hb = HFBackend(model)
+    hb.reset()
+    hb.prefill(prefix)
+    torch.testing.assert_close(out, hb.verify(Draft(tokens, shape)), atol=ATOL, rtol=1e-4)
+
+
+def test_weights_are_referenced_not_copied():
+    model = make("qwen2-gqa-bias-untied")
+    be = NativeBackend(model)
+    att = model.model.layers[1].self_attn
+    w = be._layers[1]
+    assert w.wq.data_ptr() == att.q_proj.weight.data_ptr()
+    assert w.bk.data_ptr() == att.k_proj.bias.data_ptr()
+    assert be._head.data_ptr() == model.lm_head.weight.data_ptr()
+    tied = NativeBackend(make("llama-gqa-tied"))
+    assert tied._head.data_ptr() == tied._embed.data_ptr()
+
+
+# --------------------------------------------------------------------------- KV compaction
+def _plain_continue(be, root: int, steps: int) -> list[int]:
+    """Greedy one-token steps through verify/commit, starting from the root token."""
+    root_shape = TreeShape.from_parents([-1])
+    out, tok = [], root
+    for _ in range(steps):
+        logits = be.verify(Draft(torch.tensor([tok]), root_shape))
+        be.commit(torch.zeros(1, dtype=torch.long), 1)
+        tok = int(logits[0].argmax())
+        out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa-bias-untied"])
+@pytest.mark.parametrize("tensor_keep", [False, True])
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_commit_non_contiguous_path_then_decode(name, tensor_keep, bucketed):
+    model = make(name, seed=4)
+    shape = shape_of("tr16")
+    # a node whose path is not 0, 1, 2, ... (KV must really move)
+    cand = [i for i in range(shape.size) if int(shape.depth[i]) >= 2 and int(shape.paths[i, 1]) != 1]
+    node = cand[-1]
+    d = int(shape.depth[node])
+    path = shape.paths[node]
+    prefix = rand_ids(21, seed=5)
+    tokens = rand_ids(shape.size, seed=6)
+    be = NativeBackend(model)
+    be.bucketed = bucketed
+    be.reset()
+    be.prefill(prefix)
+    be.verify(Draft(tokens, shape))
+    # keep the path up to the node's parent (the node itself becomes the next root, as in
+    # the engine, where the bonus token is the root)
+    keep = torch.tensor(d) if tensor_keep else d
+    be.commit(path, keep)
+    assert be.cache_len == 21 + d
+    kept = tokens[path[: d + 1]]
+    # reference: plain decoding of prefix + kept path, HF backend
+    ref_be = HFBackend(model)
+    ref_be.reset()
+    ref_be.prefill(torch.cat([prefix, kept[:-1]]))
+    root = int(kept[-1])
+    ref = _plain_continue(ref_be, root, 12)
+    got = _plain_continue(be, root, 12)
+    assert got == ref
+    # and equal to a fresh native prefill of the same sequence
+    fresh = NativeBackend(model)
+    fresh.reset()
+    fresh.prefill(torch.cat([prefix, kept[:-1]]))
+    assert _plain_continue(fresh, root, 12) == ref
+
+
+def test_commit_zero_keeps_cache():
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model)
+    be.reset()
+    prefix = rand_ids(10)
+    be.prefill(prefix)
+    shape = shape_of("tr8")
+    be.verify(Draft(rand_ids(shape.size, seed=9), shape))
+    be.commit(shape.paths[0], 0)
+    assert be.cache_len == 10
+    root = TreeShape.from_parents([-1])
+    x = be.verify(Draft(prefix[-1:], root))
+    be.commit(torch.zeros(1, dtype=torch.long), 1)
+    ref = hf_logits(model, torch.cat([prefix, prefix[-1:]]))[-1]
+    torch.testing.assert_close(x[0], ref, atol=ATOL, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- engine identity
+def _prompts(n, length=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 101, (length,), generator=g).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa-bias-untied", "qwen3-qknorm"])
+@pytest.mark.parametrize("template", ["tr80", "tr8"])
+def test_engine_greedy_identical(name, template):
+    model = make(name, seed=7)
+    tok = Tok()
+    native = NativeBackend(model)
+    hf_eng = Engine(model, tok, drafter="recycling", template=template)
+    tr = Engine(model, tok, drafter="recycling", template=template, backend=native)
+    plain = Engine(model, tok, drafter=None, backend=native)
+    steps_saved = 0
+    for prompt in _prompts(3, seed=len(name)):
+        ref = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=40, min_new_tokens=40, do_sample=False,
+        )[0, len(prompt):].tolist()
+        assert plain.generate(prompt, 40).tokens == ref
+        res = tr.generate(prompt, 40)
+        assert res.tokens == ref
+        assert hf_eng.generate(prompt, 40).tokens == ref
+        steps_saved += 40 - res.stats.steps - 1
+    assert steps_saved > 0, "the drafter never got a token accepted: the test exercised no tree"
+
+
+def test_engine_bucketed_path_identical():
+    model = make("qwen2-gqa-bias-untied", seed=8)
+    be = NativeBackend(model, max_length=256, kv_block=64)
+    be.bucketed = True
+    eng = Engine(model, Tok(), drafter="recycling", template="tr48", backend=be)
+    for prompt in _prompts(2, seed=3):
+        ref = Engine(model, Tok(), drafter=None).generate(prompt, 60).tokens
+        assert eng.generate(prompt, 60).tokens == ref
+
+
+def test_context_limit():
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model, max_length=64)
+    assert be.max_length == 64
+    eng = Engine(model, Tok(), drafter="recycling", backend=be)
+    res = eng.generate(_prompts(1, length=30)[0], 100)
+    assert res.finish_reason == "length" and len(res.tokens) == 64 - 30
+    ref = Engine(model, Tok(), drafter=None).generate(_prompts(1, length=30)[0], 34).tokens
+    assert res.tokens == ref
+    with pytest.raises(ValueError):
+        be.reset()
+        be.prefill(rand_ids(65))
+    with pytest.raises(ValueError):
+        NativeBackend(model, max_length=10_000)  # beyond max_position_embeddings
+
+
+# --------------------------------------------------------------------------- support / selection
+def test_unsupported_model_raises_and_auto_falls_back():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert not supports(model)
+    assert "gpt2" in unsupported_reason(model)
+    with pytest.raises(NotImplementedError):
+        NativeBackend(model)
+    with pytest.raises(UnsupportedModelError):
+        make_backend(model, prefer="native")
+    assert isinstance(make_backend(model, prefer="auto"), HFBackend)
+    assert isinstance(make_backend(model, prefer="hf"), HFBackend)
+
+
+def test_make_backend_choices():
+    model = make("llama-gqa-tied")
+    assert supports(model)
+    assert isinstance(make_backend(model, prefer="native"), NativeBackend)
+    assert isinstance(make_backend(model, prefer="auto"), NativeBackend)
+    assert isinstance(make_backend(model, prefer="hf"), HFBackend)
+    with pytest.raises(ValueError):
+        make_backend(model, prefer="fast")
+
+
+def test_sliding_window_caps_length():
+    cfg_cls, model_cls, extra = CONFIGS["mistral"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**{**COMMON, **extra, "sliding_window": 48})).eval()
+    assert NativeBackend(model).max_length == 48
+
+
+def test_tree_buckets():
+    assert tree_bucket(1) == 1 and tree_bucket(81) == 96 and tree_bucket(161) == 192
+    with pytest.raises(ValueError):
+        tree_bucket(257)
+    be = NativeBackend(make("llama-gqa-tied"), max_tree=100)
+    be.reset()
+    be.prefill(rand_ids(5))
+    shape = shape_of("tr160")
+    with pytest.raises(ValueError):
+        be.verify(Draft(rand_ids(shape.size), shape))
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+def test_graph_capture_skipped_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: covered by the graph test")
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model)
+    assert not be.graphs and be.graph_skip_reason
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        forced = NativeBackend(model, graphs=True)
+    assert not forced.graphs
+    assert "CUDA" in forced.graph_skip_reason
+    assert any("CUDA" in str(x.message) for x in w)
+    forced.reset()
+    forced.prefill(rand_ids(5))
+    forced.verify(Draft(rand_ids(1), TreeShape.from_parents([-1])))
+    assert forced.graph_count == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa-bias-untied"])
+def test_cuda_graph_replay_matches_eager(name):
+    model = make(name, seed=11).cuda()
+    graph = NativeBackend(model, graphs=True, kv_block=128)
+    eager = NativeBackend(model, graphs=False)
+    assert graph.graphs
+    prefix = rand_ids(150, seed=12).cuda()
+    for be in (graph, eager):
+        be.reset()
+        be.prefill(prefix)
+    for tmpl in ("tr16", "tr80", "chain4"):
+        shape = shape_of(tmpl).to("cuda")
+        tokens = rand_ids(shape.size, seed=13).cuda()
+        for _ in range(2):  # capture, then replay
+            a = graph.verify(Draft(tokens, shape))
+            b = eager.verify(Draft(tokens, shape))
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+            graph.commit(shape.paths[-1], 0)
+            eager.commit(shape.paths[-1], 0)
+    assert graph.graph_count >= 3
+    # a device-side n_keep (no host sync), then more graph verifies on top of it
+    shape = shape_of("tr16").to("cuda")
+    tokens = rand_ids(shape.size, seed=16).cuda()
+    node = shape.size - 1
+    for be in (graph, eager):
+        be.verify(Draft(tokens, shape))
+        be.commit(shape.paths[node], shape.depth[node] + 1)
+    for tmpl in ("tr80", "chain4"):
+        shape = shape_of(tmpl).to("cuda")
+        tokens = rand_ids(shape.size, seed=17).cuda()
+        a = graph.verify(Draft(tokens, shape))
+        b = eager.verify(Draft(tokens, shape))
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+        graph.commit(shape.paths[-1], 1)
+        eager.commit(shape.paths[-1], 1)
+    assert graph.cache_len == eager.cache_len
+    # identical greedy output through the engine
+    tok = Tok()
+    for prompt in _prompts(2, seed=14):
+        ref = Engine(model, tok, drafter=None, backend=eager).generate(prompt, 80).tokens
+        assert Engine(model, tok, drafter=None, backend=graph).generate(prompt, 80).tokens == ref
+        assert Engine(model, tok, drafter="recycling", backend=graph).generate(prompt, 80).tokens == ref
+
+
+# --------------------------------------------------------------------------- real model
+@pytest.mark.real_model
+def test_real_model_native_matches_hf(default_model):
+    model, tok = default_model
+    assert supports(model), unsupported_reason(model)
+    native = NativeBackend(model, max_length=1024)
+    text = "The quick brown fox jumps over the lazy dog. In computer science, a hash table is"
+    ids = torch.tensor(list(tok(text).input_ids))
+    ref = hf_logits(model, ids)
+    native.reset()
+    torch.testing.assert_close(native.prefill(ids, all_logits=True), ref, atol=1e-3, rtol=1e-3)
+    shape = shape_of("tr80")
+    tokens = rand_ids(shape.size, vocab=model.config.vocab_size, seed=15)
+    out = native.verify(Draft(tokens, shape))
+    hb = HFBackend(model)
+    hb.reset()
+    hb.prefill(ids)
+    ref_tree = hb.verify(Draft(tokens, shape))
+    torch.testing.assert_close(out, ref_tree, atol=1e-3, rtol=1e-3)
+    assert torch.equal(out.argmax(-1), ref_tree.argmax(-1))
+    for chat in ("Write a short poem about the sea.", "Explain what a hash table is."):
+        prompt = Engine(model, tok, drafter=None).encode(chat, chat=True)
+        ref = Engine(model, tok, drafter=None).generate(prompt, 48).tokens
+        assert Engine(model, tok, drafter=None, backend=native).generate(prompt, 48).tokens == ref
+        assert Engine(model, tok, drafter="recycling", backend=native).generate(prompt, 48).tokens == ref
+
+
+def test_model_moved_after_build_is_detected():
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match="build a new NativeBackend"):
+        be.reset()
+        be.prefill(rand_ids(4))
