@@ -2,22 +2,70 @@
 
 from __future__ import annotations
 
-from .base import DraftContext, Drafter
-from .recycling import TokenRecycling
+import inspect
 
-DRAFTERS = {"none": None, "recycling": TokenRecycling}
+from .base import DraftContext, Drafter
+from .draft_model import DraftModelDrafter, DraftModelError
+from .fused import FusedDrafter
+from .hybrid import HybridDrafter
+from .lookup import PromptLookup
+from .merge import HostTree, merge_trees
+from .recycling import TokenRecycling
+from .suffix import SuffixDrafter, SuffixIndex
+
+DRAFTERS = {
+    "none": None,
+    "recycling": TokenRecycling,
+    "lookup": PromptLookup,
+    "suffix": SuffixDrafter,
+    "hybrid": HybridDrafter,
+    "draft-model": DraftModelDrafter,
+    "fused": FusedDrafter,
+}
+
+
+def _takes(cls, param: str) -> bool:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return True
+    return param in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def make_drafter(name: str | None, *, vocab_size: int, device, template=None, **kw) -> Drafter | None:
-    """A drafter by name; ``none`` (or None) gives plain decoding."""
+    """A drafter by name; ``none`` (or None) gives plain decoding.
+
+    ``template`` goes to drafters that build on a tree template (recycling, hybrid) and is
+    ignored by the others. Drafters that need a draft model (``draft-model``, ``fused``) take
+    it as ``draft_model=``.
+    """
     if name in (None, "none", "plain"):
         return None
     if name not in DRAFTERS:
         raise ValueError(f"unknown drafter {name!r}; known: {', '.join(DRAFTERS)}")
     cls = DRAFTERS[name]
-    if template is not None:
+    if getattr(cls, "needs_draft_model", False) and kw.get("draft_model") is None:
+        raise DraftModelError(
+            f"the {name!r} drafter needs a draft model sharing the target's tokenizer: pass --draft-model NAME"
+        )
+    if template is not None and _takes(cls, "template"):
         kw["template"] = template
     return cls(vocab_size=vocab_size, device=device, **kw)
 
 
-__all__ = ["DraftContext", "Drafter", "TokenRecycling", "make_drafter", "DRAFTERS"]
+__all__ = [
+    "DraftContext",
+    "Drafter",
+    "TokenRecycling",
+    "PromptLookup",
+    "SuffixDrafter",
+    "SuffixIndex",
+    "HybridDrafter",
+    "DraftModelDrafter",
+    "FusedDrafter",
+    "DraftModelError",
+    "HostTree",
+    "merge_trees",
+    "make_drafter",
+    "DRAFTERS",
+]

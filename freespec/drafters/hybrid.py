@@ -1,0 +1,162 @@
+"""Hybrid: retrieval (suffix decoding or prompt lookup) together with Token Recycling.
+
+Two ways to combine them (``mode``):
+
+* ``switch``: the retrieval tree when its match is strong (match length >= ``min_match``
+  and expected accepted length >= ``min_score``), Token Recycling's tree otherwise.
+* ``merge``: both trees in one, merged by common prefix (``merge_trees``): a retrieval chain
+  whose first tokens agree with Token Recycling's best guesses extends that branch instead
+  of doubling it. Weak matches are left out as in ``switch``. Merging reads Token
+  Recycling's tokens back to the host (one small device->host copy per step on a GPU).
+
+Either way, Token Recycling's matrix is updated from every verified tree (its tokens and
+their logits), whichever drafter built it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tree import TreeTemplate, _prior
+from .base import DraftContext, Drafter
+from .lookup import PromptLookup, Retrieval
+from .merge import HostTree, merge_trees, to_draft
+from .recycling import TokenRecycling
+from .suffix import SuffixDrafter
+
+MODES = ("switch", "merge")
+RETRIEVERS = {"suffix": SuffixDrafter, "lookup": PromptLookup}
+
+
+class HybridDrafter(Drafter):
+    """Token Recycling plus retrieval, switched or merged per step.
+
+    Knobs:
+      mode ('merge'): 'switch' (one tree or the other) or 'merge' (one tree holding both).
+      retrieval ('suffix'): 'suffix' (current request + earlier requests) or 'lookup'
+        (prompt lookup over the current request).
+      min_match (2): shortest suffix match whose retrieval tree is used.
+      min_score (1.0): least expected accepted length (sum of the retrieval tree's node
+        probabilities; a lookup chain counts its length) for the retrieval tree to be used.
+      max_nodes (None): cap on merged draft nodes (default: Token Recycling's template size
+        plus the retrieval tree's ``max_nodes``); the engine's budget caps it too.
+      retrieval_kw ({}): knobs of the retrieval drafter (see SuffixDrafter / PromptLookup),
+        e.g. {'max_nodes': 16, 'store_tokens': 100000}.
+      template ('tr80'), k (8), seed_from_prompt (False): Token Recycling's knobs.
+      retriever (None): a prebuilt retrieval drafter (to share its store); overrides
+        ``retrieval`` and ``retrieval_kw``.
+    """
+
+    name = "hybrid"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        template: str | int | TreeTemplate = "tr80",
+        k: int = 8,
+        seed_from_prompt: bool = False,
+        mode: str = "merge",
+        retrieval: str = "suffix",
+        min_match: int = 2,
+        min_score: float = 1.0,
+        max_nodes: int | None = None,
+        retrieval_kw: dict | None = None,
+        retriever: Drafter | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown hybrid mode {mode!r}; use one of {', '.join(MODES)}")
+        if retriever is None:
+            if retrieval not in RETRIEVERS:
+                raise ValueError(f"unknown retrieval {retrieval!r}; use one of {', '.join(RETRIEVERS)}")
+            retriever = RETRIEVERS[retrieval](vocab_size=vocab_size, device=device, **(retrieval_kw or {}))
+        if not hasattr(retriever, "retrieve"):
+            raise TypeError("the retriever must have a retrieve(ctx) method (SuffixDrafter, PromptLookup)")
+        self.tr = TokenRecycling(vocab_size=vocab_size, template=template, k=k, device=device,
+                                 seed_from_prompt=seed_from_prompt)
+        self.retriever = retriever
+        self.mode = mode
+        self.min_match = int(min_match)
+        self.min_score = float(min_score)
+        self.max_nodes = None if max_nodes is None else int(max_nodes)
+        self.device = torch.device(device)
+        self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "none": 0}  # steps per source
+        self._set_scores()
+
+    # ------------------------------------------------------------------ Token Recycling's face
+    @property
+    def template(self) -> TreeTemplate:
+        return self.tr.template
+
+    def set_template(self, template) -> None:
+        self.tr.set_template(template)
+        self._set_scores()
+
+    def _set_scores(self) -> None:
+        # merge priority of Token Recycling's nodes: the template's rank prior
+        t = self.tr.template
+        self._tr_scores = [1.0] + [_prior(p) for p in t.paths]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.tr.matrix
+
+    def save(self, path) -> None:
+        self.tr.save(path)
+
+    def load(self, path) -> None:
+        self.tr.load(path)
+
+    def reset(self) -> None:
+        self.tr.reset()
+        if hasattr(self.retriever, "reset"):
+            self.retriever.reset()
+
+    @property
+    def wants_prompt_logits(self) -> bool:  # type: ignore[override]
+        return self.tr.wants_prompt_logits
+
+    # ------------------------------------------------------------------ interface
+    def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        self.tr.begin(prompt, prompt_logits)
+        self.retriever.begin(prompt)
+
+    def strong(self, r: Retrieval | None) -> bool:
+        return r is not None and r.match_len >= self.min_match and r.score >= self.min_score
+
+    def propose(self, ctx: DraftContext):
+        r = self.retriever.retrieve(ctx)
+        good = self.strong(r)
+        if self.mode == "switch":
+            if good:
+                self.used["retrieval"] += 1
+                return to_draft(r.tree, ctx.root.device)
+            d = self.tr.propose(ctx)
+            if d is None and r is not None:  # no room for the template: a weak retrieval beats nothing
+                self.used["retrieval"] += 1
+                return to_draft(r.tree, ctx.root.device)
+            self.used["recycling" if d is not None else "none"] += 1
+            return d
+        d = self.tr.propose(ctx)
+        if not good:
+            self.used["recycling" if d is not None else "none"] += 1
+            return d
+        if d is None:
+            self.used["retrieval"] += 1
+            return to_draft(r.tree, ctx.root.device)
+        tr_tree = HostTree(d.tokens.tolist(), list(d.shape.parents_list), list(self._tr_scores))
+        limit = ctx.budget
+        if self.max_nodes is not None:
+            limit = min(limit, self.max_nodes)
+        # retrieval first: its chain keeps its order, Token Recycling fills the rest
+        merged = merge_trees([r.tree, tr_tree], limit)
+        self.used["merged"] += 1
+        return to_draft(merged, ctx.root.device)
+
+    def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
+        # every verified node's logits refresh its token's row, whoever drafted it
+        self.tr.update(draft.tokens, logits)
+        self.retriever.observe(draft, logits, accepted)
+
+    def end(self, tokens: list[int]) -> None:
+        self.retriever.end(tokens)
