@@ -37,14 +37,18 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default=None,
                    help="draft tree template: a name (tr4 tr8 tr16 tr32 tr48 tr80 tr160), chainN, or a node count "
                         "(default: chosen per device)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft model for the draft-model and fused drafters (same tokenizer as --model; "
+                        "the catalog pairs qwen2.5-coder-0.5b with qwen2.5-coder-1.5b)")
 
 
 def load_engine(args, drafter=None):
     """Model, tokenizer and an Engine as the arguments ask."""
     from .backends import make_backend
+    from .drafters import DRAFTERS, DraftModelError, make_drafter
     from .drafters.recycling import default_template
     from .engine import Engine
-    from .models import load
+    from .models import check_pair, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,8 +58,22 @@ def load_engine(args, drafter=None):
     backend = make_backend(model, prefer=args.backend)
     name = getattr(args, "drafter", "recycling") if drafter is None else drafter
     tree = getattr(args, "tree", None) or default_template(backend.device)
-    engine = Engine(model, tok, drafter=name, backend=backend, template=tree)
-    return engine
+    if name in DRAFTERS and getattr(DRAFTERS[name], "needs_draft_model", False):
+        draft_spec = getattr(args, "draft_model", None) or _default_draft(args.model)
+        if draft_spec is None:
+            raise DraftModelError(f"the {name!r} drafter needs a draft model: pass --draft-model NAME")
+        draft_model, draft_tok = load(draft_spec, dtype=dtype, device=device)
+        check_pair(draft_tok, tok)
+        name = make_drafter(name, vocab_size=backend.vocab_size, device=backend.device, template=tree,
+                            draft_model=draft_model)
+    return Engine(model, tok, drafter=name, backend=backend, template=tree)
+
+
+def _default_draft(model_spec: str) -> str | None:
+    from .models import CATALOG
+
+    spec = CATALOG.get(model_spec)
+    return getattr(spec, "default_draft", None) if spec is not None else None
 
 
 def _sampling(args):
@@ -87,7 +105,8 @@ def cmd_generate(args) -> int:
     out.write("\n")
     st = res.stats
     d = engine.drafter
-    desc = "plain" if d is None else f"{d.name} ({getattr(d, 'template', None) and d.template.name})"
+    tmpl = getattr(d, "template", None)
+    desc = "plain" if d is None else d.name + (f" ({tmpl.name})" if tmpl is not None else "")
     print(
         f"\n[{desc}] {st.new_tokens} tokens in {st.time_total:.2f}s = {st.tokens_per_second:.1f} tok/s | "
         f"steps {st.steps} | MAT {st.mat:.2f} | prefill {st.time_prefill:.2f}s draft {st.time_draft:.2f}s "

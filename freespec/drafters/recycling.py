@@ -107,7 +107,9 @@ def default_template(device: torch.device | str) -> str:
     """The tree used when none is named.
 
     On a GPU a verify pass costs about the same for 1 or 100+ tokens, so the published 80-node
-    tree pays. On a CPU the pass is compute-bound (SmolLM2-135M, 2 cores: 73 ms for 1 token,
-    102 ms for 8, 137 ms for 16, 204 ms for 64), so a small tree wins; see docs/benchmarks.md.
+    tree pays (H100, Qwen2.5-Coder-1.5B bf16: 2.11x over plain, tr160 no better). On a 2-core
+    CPU the pass is compute-bound and every extra node costs: SmolLM2-135M fp32 gave 0.88x
+    (tr4), 0.76x (tr16), 0.75x (tr8), 0.49x (tr80) against plain decoding, so the smallest
+    tree is the least bad there (docs/benchmarks.md).
     """
-    return "tr80" if torch.device(device).type == "cuda" else "tr8"
+    return "tr80" if torch.device(device).type == "cuda" else "tr4"
