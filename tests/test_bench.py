@@ -12,6 +12,7 @@ from freespec.bench.dataset import DatasetError, Question, builtin, load, per_ca
 from freespec.bench.harness import first_divergence, run_bench, top2_gap
 from freespec.bench.methods import BenchError, HFMethod, known_methods, parse_method, resolve_methods
 from freespec.cli import main
+from freespec.drafters.recycling import default_template
 
 from tiny import StubTokenizer, tiny_model
 
@@ -277,7 +278,9 @@ def test_end_to_end_tiny(tiny, tmp_path):
         by_turn.setdefault((r["question_id"], r["turn"]), set()).add(r["prompt_tokens"])
     assert all(len(v) == 1 for v in by_turn.values())
     assert by_turn[("m1", 1)].pop() > by_turn[("m1", 0)].pop() + 20
-    assert {r["template"] for r in recs if r["method"].startswith("recycling")} == {"tr8"}  # cpu default
+    # "recycling" takes the device's default tree, "recycling:tr8" the named one
+    assert {r["template"] for r in recs if r["method"] == "recycling"} == {default_template("cpu")}
+    assert {r["template"] for r in recs if r["method"] == "recycling:tr8"} == {"tr8"}
     env = data["env"]
     for k in ("device_name", "torch", "transformers", "freespec", "dtype", "threads", "backend", "git_commit",
               "command", "date"):
