@@ -166,7 +166,7 @@ class TreeTemplate:
         """The ``n`` most promising nodes, closed under parents (a prior: lower ranks first)."""
         if n >= self.size:
             return self
-        order = sorted(self.paths, key=lambda p: (-_prior(p), len(p), p))
+        order = sorted(self.paths, key=lambda p: (-rank_prior(p), len(p), p))
         keep = set(order[:n])
         return TreeTemplate(name or f"{self.name}[{n}]", tuple(p for p in self.paths if p in keep))
 
@@ -176,7 +176,8 @@ class TreeTemplate:
 _RANK_PRIOR = (0.55, 0.14, 0.07, 0.045, 0.03, 0.022, 0.017, 0.013, 0.01, 0.008)
 
 
-def _prior(path: tuple[int, ...]) -> float:
+def rank_prior(path: tuple[int, ...]) -> float:
+    """Prior probability that a template node (a path of candidate ranks) is accepted."""
     p = 1.0
     for r in path:
         p *= _RANK_PRIOR[r] if r < len(_RANK_PRIOR) else 0.005
@@ -188,7 +189,7 @@ def build_template(name: str, per_level: Sequence[int], k: int = 8) -> TreeTempl
     levels: list[list[tuple[int, ...]]] = [[()]]
     for width in per_level:
         cands = [p + (r,) for p in levels[-1] for r in range(k)]
-        cands.sort(key=lambda p: (-_prior(p), p))
+        cands.sort(key=lambda p: (-rank_prior(p), p))
         levels.append(sorted(cands[:width]))
     return TreeTemplate(name, tuple(p for lvl in levels[1:] for p in lvl))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tree import TreeTemplate, _prior
+from ..tree import TreeTemplate, rank_prior
 from .base import DraftContext, Drafter
 from .lookup import PromptLookup, Retrieval
 from .merge import HostTree, merge_trees, to_draft
@@ -95,7 +95,7 @@ class HybridDrafter(Drafter):
     def _set_scores(self) -> None:
         # merge priority of Token Recycling's nodes: the template's rank prior
         t = self.tr.template
-        self._tr_scores = [1.0] + [_prior(p) for p in t.paths]
+        self._tr_scores = [1.0] + [rank_prior(p) for p in t.paths]
 
     @property
     def matrix(self) -> torch.Tensor:
