@@ -34,9 +34,11 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--drafter", default="recycling", choices=sorted(DRAFTERS),
                    help="draft method; 'none' = plain decoding through the same engine")
-    p.add_argument("--tree", default=None,
-                   help="draft tree template: a name (tr4 tr8 tr16 tr32 tr48 tr80 tr160), chainN, or a node count "
-                        "(default: chosen per device)")
+    p.add_argument("--tree", default="auto",
+                   help="draft tree: 'auto' (default: sized each step by the cost model from this device's "
+                        "measured verify latency and learnt acceptance rates; may draft nothing where "
+                        "speculation cannot pay), a template name (tr4 tr8 tr16 tr32 tr48 tr80 tr160), chainN, "
+                        "or a node count")
     p.add_argument("--draft-model", default=None,
                    help="draft model for the draft-model and fused drafters (same tokenizer as --model; "
                         "the catalog pairs qwen2.5-coder-0.5b with qwen2.5-coder-1.5b)")
@@ -46,7 +48,6 @@ def load_engine(args, drafter=None):
     """Model, tokenizer and an Engine as the arguments ask."""
     from .backends import make_backend
     from .drafters import DRAFTERS, DraftModelError, make_drafter
-    from .drafters.recycling import default_template
     from .engine import Engine
     from .models import check_pair, load
 
@@ -57,7 +58,7 @@ def load_engine(args, drafter=None):
     model, tok = load(args.model, dtype=dtype, device=device)
     backend = make_backend(model, prefer=args.backend)
     name = getattr(args, "drafter", "recycling") if drafter is None else drafter
-    tree = getattr(args, "tree", None) or default_template(backend.device)
+    tree = getattr(args, "tree", None) or "auto"
     if name in DRAFTERS and getattr(DRAFTERS[name], "needs_draft_model", False):
         draft_spec = getattr(args, "draft_model", None) or _default_draft(args.model)
         if draft_spec is None:
@@ -66,7 +67,10 @@ def load_engine(args, drafter=None):
         check_pair(draft_tok, tok)
         name = make_drafter(name, vocab_size=backend.vocab_size, device=backend.device, template=tree,
                             draft_model=draft_model)
-    return Engine(model, tok, drafter=name, backend=backend, template=tree)
+    engine = Engine(model, tok, drafter=name, backend=backend, template=tree)
+    if engine.drafter is not None and engine.drafter.wants_latency:
+        engine.ensure_latency(progress=lambda s: print(s, file=sys.stderr, flush=True))
+    return engine
 
 
 def _default_draft(model_spec: str) -> str | None:
@@ -106,7 +110,8 @@ def cmd_generate(args) -> int:
     st = res.stats
     d = engine.drafter
     tmpl = getattr(d, "template", None)
-    desc = "plain" if d is None else d.name + (f" ({tmpl.name})" if tmpl is not None else "")
+    tname = "auto" if getattr(d, "auto", False) else getattr(tmpl, "name", None)
+    desc = "plain" if d is None else d.name + (f" ({tname})" if tname else "")
     print(
         f"\n[{desc}] {st.new_tokens} tokens in {st.time_total:.2f}s = {st.tokens_per_second:.1f} tok/s | "
         f"steps {st.steps} | MAT {st.mat:.2f} | prefill {st.time_prefill:.2f}s draft {st.time_draft:.2f}s "
@@ -115,6 +120,30 @@ def cmd_generate(args) -> int:
     )
     hist = " ".join(f"{k}:{v}" for k, v in sorted(st.tokens_per_step.items()))
     print(f"tokens per step (tokens:steps): {hist}", file=sys.stderr)
+    sizes = " ".join(f"{k}:{v}" for k, v in sorted(st.draft_sizes.items()))
+    print(f"draft nodes per step (nodes:steps): {sizes}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Measure (or show the cached) verify-latency curve that sizes draft trees."""
+    from .backends import make_backend
+    from .cost import calibration_key, calibration_path, load_or_calibrate
+    from .models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model, _ = load(args.model, dtype=dtype, device=device)
+    backend = make_backend(model, prefer=args.backend)
+    path = calibration_path(calibration_key(model, backend))
+    cached = path.exists() and not args.force
+    lm = load_or_calibrate(model, backend, force=args.force, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"verify step latency (ms) by draft nodes + root and cache length ({'cached' if cached else 'measured'}):")
+    print(lm.table())
+    print(f"
+{path}")
     return 0
 
 
@@ -180,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="plain decoding vs Token Recycling on the built-in prompts")
     _add_model_args(d)
-    d.add_argument("--tree", default=None, help="draft tree template (default: chosen per device)")
+    d.add_argument("--tree", default="auto", help="draft tree: 'auto' (cost model, default), a template name, or N")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--prompts", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")
     d.add_argument("--limit", type=int, default=None, help="run only the first N prompts")
@@ -195,11 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("name")
     m.set_defaults(func=cmd_models)
 
+    c = sub.add_parser("calibrate", help="measure the verify-latency curve that sizes draft trees (cached per "
+                                         "model, device, dtype and backend)")
+    _add_model_args(c)
+    c.add_argument("--force", action="store_true", help="measure again even if a cached curve exists")
+    c.set_defaults(func=cmd_calibrate)
+
     b = sub.add_parser("bench", help="benchmark methods side by side: speedup, MAT, output identity")
     _add_model_args(b)
     b.add_argument("--draft-model", default=None, help="draft model for methods that need one (hf-assisted, ...)")
     b.add_argument("--methods", default="plain,recycling,hf-greedy",
-                   help="comma-separated: plain, DRAFTER[:TEMPLATE] (e.g. recycling, recycling:tr80), hf-greedy, "
+                   help="comma-separated: plain, DRAFTER[:TEMPLATE] (e.g. recycling, recycling:tr80; no template = auto), "
+                        "hf-greedy, "
                         "hf-prompt-lookup, hf-assisted (default: plain,recycling,hf-greedy)")
     b.add_argument("--dataset", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")
     b.add_argument("--per-category", type=int, default=None, help="run only the first N questions of each category")

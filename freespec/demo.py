@@ -24,8 +24,8 @@ def run_demo(args) -> int:
     dev = tr.backend.device
     print(
         f"model {args.model} | {dev} {str(tr.backend.dtype).replace('torch.', '')} | backend "
-        f"{type(tr.backend).__name__} | threads {torch.get_num_threads()} | tree {tr.drafter.template.name} "
-        f"({tr.drafter.template.size} nodes) | {args.max_new_tokens} new tokens per turn",
+        f"{type(tr.backend).__name__} | threads {torch.get_num_threads()} | drafter {tr.drafter.name} | "
+        f"tree {_tree_desc(tr.drafter)} | {args.max_new_tokens} new tokens per turn",
         file=sys.stderr,
     )
     # warm-up: one short run of each (the Token Recycling matrix stays warm afterwards, as published)
@@ -56,6 +56,13 @@ def run_demo(args) -> int:
         print(f"\nOUTPUTS DIFFER from plain decoding on: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tree_desc(drafter) -> str:
+    if getattr(drafter, "auto", False):
+        return "auto (cost model)"
+    t = getattr(drafter, "template", None)
+    return f"{t.name} ({t.size} nodes)" if t is not None else "-"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -40,6 +40,7 @@ class GenerationStats:
     time_verify: float = 0.0
     time_other: float = 0.0
     draft_nodes: int = 0  # draft nodes scored, root excluded
+    draft_sizes: Counter = field(default_factory=Counter)  # histogram: draft nodes -> steps
 
     @property
     def mat(self) -> float:
@@ -64,6 +65,7 @@ class GenerationStats:
             "time_verify": round(self.time_verify, 5),
             "time_other": round(self.time_other, 5),
             "mean_draft_nodes": round(self.draft_nodes / self.steps, 2) if self.steps else 0.0,
+            "draft_sizes": dict(sorted(self.draft_sizes.items())),
         }
 
 
@@ -90,6 +92,7 @@ class Engine:
         backend: Backend | None = None,
         template=None,
         profile: bool | None = None,
+        latency=None,
     ):
         if backend is None:
             from .backends.hf import HFBackend
@@ -105,6 +108,17 @@ class Engine:
         self.profile = backend.device.type == "cpu" if profile is None else profile
         self.eos_ids = _eos_ids(model, tokenizer)
         self._root_shape = TreeShape.from_parents([-1], backend.device)
+        # the verify-latency curve that sizes trees (cost.LatencyModel); measured (or read
+        # from the on-disk cache) at the first generation that needs it
+        self.latency = latency
+
+    def ensure_latency(self, progress=None):
+        """The latency curve for this model/device/backend: cached on disk, measured if missing."""
+        if self.latency is None:
+            from .cost import load_or_calibrate
+
+            self.latency = load_or_calibrate(self.model, self.backend, progress=progress)
+        return self.latency
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -193,6 +207,7 @@ class Engine:
     def _run(self, prompt_ids, limit, stop, sampling, incremental) -> Iterator[str]:
         be, drafter, dev = self.backend, self.drafter, self.backend.device
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        lat = self.ensure_latency() if drafter is not None and drafter.wants_latency else None
         noise = None
         if not sampling.greedy:
             gen = torch.Generator(device=dev)
@@ -242,8 +257,9 @@ class Engine:
             budget = be.max_length - be.cache_len - 1
             draft = None
             if drafter is not None:
+                curve = None if lat is None else lat.curve(be.cache_len)
                 draft = drafter.propose(
-                    DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget)
+                    DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
                 )
             if draft is None:
                 draft = Draft(root, self._root_shape)
@@ -268,6 +284,7 @@ class Engine:
             stats.steps += 1
             stats.tokens_per_step[len(new)] += 1
             stats.draft_nodes += draft.size - 1
+            stats.draft_sizes[draft.size - 1] += 1
             # stop conditions: EOS inside the accepted run, the token limit
             for i, t in enumerate(new):
                 if t in self.eos_ids:

@@ -4,8 +4,8 @@ A method name is one of
 
 * ``plain``: our engine without a drafter (the reference every other method is compared with);
 * ``DRAFTER[:TEMPLATE]`` for any name in ``freespec.drafters.DRAFTERS`` (``recycling``,
-  ``recycling:tr80``, ...): our engine with that drafter; the template is optional (the
-  device's default, as in ``freespec generate``);
+  ``recycling:tr80``, ``recycling:auto``, ...): our engine with that drafter; the template is
+  optional (``auto``: sized by the cost model, as in ``freespec generate``);
 * ``hf-greedy``, ``hf-prompt-lookup``, ``hf-assisted``: ``model.generate`` greedy, with prompt
   lookup (``prompt_lookup_num_tokens=10``), or with ``assistant_model=`` the draft model.
 
@@ -106,7 +106,8 @@ def parse_method(name: str) -> MethodSpec:
         from ..tree import TreeError, get_template
 
         try:
-            get_template(template)
+            if template != "auto":
+                get_template(template)
         except TreeError as e:
             raise BenchError(f"method {name!r}: {e}") from None
     return MethodSpec(name, base, "engine", template, bool(getattr(cls, "needs_draft_model", False)))
@@ -203,6 +204,8 @@ class EngineMethod(Method):
 
     @property
     def template(self) -> str | None:
+        if getattr(self.engine.drafter, "auto", False):
+            return "auto"
         t = getattr(self.engine.drafter, "template", None)
         return getattr(t, "name", None) if t is not None else None
 
@@ -275,12 +278,13 @@ def build_method(spec: MethodSpec, model, tokenizer, backend, draft_model=None, 
     kw = {}
     template = spec.template
     if template is None and _drafter_accepts(cls, "template"):
-        from ..drafters.recycling import default_template
-
-        template = default_template(device)
+        template = "auto"
     if spec.needs_draft_model or (draft_model is not None and _drafter_accepts(cls, "draft_model", strict=True)):
         kw["draft_model"] = draft_model
     if draft_tokenizer is not None and _drafter_accepts(cls, "draft_tokenizer", strict=True):
         kw["draft_tokenizer"] = draft_tokenizer
     drafter = make_drafter(spec.base, vocab_size=backend.vocab_size, device=device, template=template, **kw)
-    return EngineMethod(spec, device, engine=Engine(model, tokenizer, drafter=drafter, backend=backend))
+    engine = Engine(model, tokenizer, drafter=drafter, backend=backend)
+    if drafter.wants_latency:
+        engine.ensure_latency()  # measured (or read from the cache) now, not inside a timed run
+    return EngineMethod(spec, device, engine=engine)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..tree import Draft
@@ -20,6 +21,9 @@ class DraftContext:
     root: torch.Tensor  # [1] int64 on the model's device: tokens[-1], without a host round trip
     prompt_len: int
     budget: int  # most draft nodes (root excluded) the engine can take this step
+    # seconds per step by tree size at this cache length (``LatencyModel.curve``), for
+    # drafters that size their trees by cost (``wants_latency``); None when not measured
+    latency: np.ndarray | None = None
 
 
 class Drafter:
@@ -29,6 +33,7 @@ class Drafter:
         """A new request starts. ``prompt_logits`` ([L, V]) only if ``wants_prompt_logits``."""
 
     wants_prompt_logits = False
+    wants_latency = False  # True: size trees by the engine's latency curve (DraftContext.latency)
 
     def propose(self, ctx: DraftContext) -> Draft | None:
         """A tree rooted at ``ctx.root`` or None for a plain one-token step."""

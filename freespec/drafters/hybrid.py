@@ -11,6 +11,11 @@ Two ways to combine them (``mode``):
 
 Either way, Token Recycling's matrix is updated from every verified tree (its tokens and
 their logits), whichever drafter built it.
+
+With ``template="auto"`` (the default) and the engine's latency curve, merging is sized by
+the cost model instead of thresholds: retrieval scores are calibrated online to acceptance
+rates, Token Recycling's nodes carry their learnt acceptance probabilities, and the merged
+tree is cut to the node count that maximises expected tokens per second (or to nothing).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from ..tree import TreeTemplate, rank_prior
 from .base import DraftContext, Drafter
 from .lookup import PromptLookup, Retrieval
 from .merge import HostTree, merge_trees, to_draft
-from .recycling import TokenRecycling
+from .recycling import AUTO, TokenRecycling
+from .sizing import TreeSizer, size_tree
 from .suffix import SuffixDrafter
 
 MODES = ("switch", "merge")
@@ -42,7 +48,8 @@ class HybridDrafter(Drafter):
         plus the retrieval tree's ``max_nodes``); the engine's budget caps it too.
       retrieval_kw ({}): knobs of the retrieval drafter (see SuffixDrafter / PromptLookup),
         e.g. {'max_nodes': 16, 'store_tokens': 100000}.
-      template ('tr80'), k (8), seed_from_prompt (False): Token Recycling's knobs.
+      template ('auto'), k (8), seed_from_prompt (False): Token Recycling's knobs; 'auto'
+        sizes the merged tree by the cost model (min_match/min_score then do not apply).
       retriever (None): a prebuilt retrieval drafter (to share its store); overrides
         ``retrieval`` and ``retrieval_kw``.
     """
@@ -53,7 +60,7 @@ class HybridDrafter(Drafter):
         self,
         vocab_size: int,
         device: torch.device | str = "cpu",
-        template: str | int | TreeTemplate = "tr80",
+        template: str | int | TreeTemplate = AUTO,
         k: int = 8,
         seed_from_prompt: bool = False,
         mode: str = "merge",
@@ -81,6 +88,7 @@ class HybridDrafter(Drafter):
         self.max_nodes = None if max_nodes is None else int(max_nodes)
         self.device = torch.device(device)
         self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "none": 0}  # steps per source
+        self.sizer = TreeSizer()
         self._set_scores()
 
     # ------------------------------------------------------------------ Token Recycling's face
@@ -116,6 +124,14 @@ class HybridDrafter(Drafter):
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
         return self.tr.wants_prompt_logits
 
+    @property
+    def auto(self) -> bool:
+        return self.tr.auto
+
+    @property
+    def wants_latency(self) -> bool:  # type: ignore[override]
+        return self.tr.auto
+
     # ------------------------------------------------------------------ interface
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
         self.tr.begin(prompt, prompt_logits)
@@ -125,6 +141,8 @@ class HybridDrafter(Drafter):
         return r is not None and r.match_len >= self.min_match and r.score >= self.min_score
 
     def propose(self, ctx: DraftContext):
+        if self.tr.auto and ctx.latency is not None:
+            return self._propose_sized(ctx)
         r = self.retriever.retrieve(ctx)
         good = self.strong(r)
         if self.mode == "switch":
@@ -153,9 +171,26 @@ class HybridDrafter(Drafter):
         self.used["merged"] += 1
         return to_draft(merged, ctx.root.device)
 
+    def _propose_sized(self, ctx: DraftContext):
+        d = self.tr.propose(ctx)  # Token Recycling's own choice (and this step's base tree)
+        r = self.retriever.retrieve(ctx)
+        if r is None:
+            self.used["recycling" if d is not None else "none"] += 1
+            return d
+        limit = ctx.budget if self.max_nodes is None else min(ctx.budget, self.max_nodes)
+        trees = [self.sizer.calibrated(r.tree), self.tr.candidates()]
+        tree = size_tree(merge_trees(trees), ctx.latency, limit)
+        if tree is None:
+            self.used["none"] += 1
+            return None
+        self.used["merged"] += 1
+        return to_draft(tree, ctx.root.device)
+
     def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
         # every verified node's logits refresh its token's row, whoever drafted it
         self.tr.update(draft.tokens, logits)
+        self.tr.learn(accepted)
+        self.sizer.learn(accepted)
         self.retriever.observe(draft, logits, accepted)
 
     def end(self, tokens: list[int]) -> None:

@@ -133,7 +133,10 @@ class PromptLookup(Drafter):
         if not conts:
             return None
         root = ctx.tokens[-1]
-        trees = [HostTree.chain(root, c[:limit]) for c in conts]
+        # a score per node that falls with depth, faster after a short match: an ordering
+        # for cuts, and what the cost model's calibration maps to acceptance rates
+        q = 1.0 - 1.0 / (n + 2)
+        trees = [HostTree.chain(root, c[:limit], [q ** (d + 1) for d in range(len(c[:limit]))]) for c in conts]
         tree = trees[0] if len(trees) == 1 else merge_trees(trees, limit)
         return Retrieval(tree, float(len(conts[0][:limit])), n)
 

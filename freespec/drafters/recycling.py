@@ -7,16 +7,31 @@ gather per level: token(node) = M[token(parent), rank(node)].
 
 Hot start: M lives as long as the drafter (one per model per process in the CLI and server),
 across prompts and turns; ``reset``, ``save`` and ``load`` manage it explicitly.
+
+Tree size (``template="auto"``, the default): the matrix fills a large base template every
+step; acceptance statistics per base node (``cost.NodeStats``) say how likely each node is,
+and the cost model (``cost.choose_size``, fed the engine's measured latency curve) picks the
+most probable nodes worth their verification cost -- possibly none (a plain step). The
+statistics are learnt for every base node whether it was drafted or not: the tokens the
+target emits do not depend on the draft, so a node would have been accepted iff its token
+path matches them. They are saved with the matrix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..tree import Draft, TreeShape, TreeTemplate, get_template
+from ..cost import NodeStats, choose_size, order_nodes
+from ..tree import Draft, TreeShape, TreeTemplate, get_template, rank_prior
 from .base import DraftContext, Drafter
+from .merge import HostTree, _subset
+
+AUTO = "auto"
+AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
+RECHOOSE = 8  # steps between two choices of the tree (and at each request's start)
 
 
 class TokenRecycling(Drafter):
@@ -25,7 +40,7 @@ class TokenRecycling(Drafter):
     def __init__(
         self,
         vocab_size: int,
-        template: str | int | TreeTemplate = "tr80",
+        template: str | int | TreeTemplate = AUTO,
         k: int = 8,
         device: torch.device | str = "cpu",
         seed_from_prompt: bool = False,
@@ -39,7 +54,8 @@ class TokenRecycling(Drafter):
 
     # ------------------------------------------------------------------ template
     def set_template(self, template: str | int | TreeTemplate) -> None:
-        t = get_template(template)
+        self.auto = isinstance(template, str) and template.strip() == AUTO
+        t = get_template(AUTO_BASE if self.auto else template)
         if t.max_rank > self.k:
             raise ValueError(f"template {t.name} uses rank {t.max_rank - 1} but the matrix keeps k={self.k}")
         self.template = t
@@ -52,6 +68,51 @@ class TokenRecycling(Drafter):
         for d in range(1, self.shape.max_depth + 1):
             nodes = (depth == d).nonzero().view(-1)
             self._levels.append((nodes, parents[nodes], ranks[nodes]))
+        # acceptance per node given its parent; the prior is the rank prior's ratio
+        prior = [1.0] + [rank_prior(p) / rank_prior(p[:-1]) for p in t.paths]
+        self.stats = NodeStats(prior, t.parents(), self.device)
+        self._parent_idx = parents.clamp(min=0)
+        self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor]] = {}
+        self._plan: tuple[TreeShape, torch.Tensor] | None = None  # the chosen subset (None: plain)
+        self._since = RECHOOSE  # steps since the last choice
+        self._base: torch.Tensor | None = None  # the last full base tree's tokens
+        self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
+        self.chosen_sizes: dict[int, int] = {}  # draft nodes -> steps (for reports)
+
+    @property
+    def wants_latency(self) -> bool:  # type: ignore[override]
+        return self.auto
+
+    def probs(self) -> np.ndarray:
+        """Estimated P(accepted) of every base node (root = 1)."""
+        return self.stats.path_probs()
+
+    def choose(self, curve: np.ndarray | None, budget: int) -> int:
+        """Pick the node subset for the next steps; returns its size (0 = plain decoding)."""
+        n_base = self.template.size
+        if curve is None:  # no latency curve: the device's fixed default, cut from the base
+            k = min(get_template(default_template(self.device)).size, n_base, budget)
+            order = np.arange(1, k + 1)
+        else:
+            p = self.probs()
+            order = order_nodes(p, self.stats.parents)
+            self._ranked = (p, order)
+            k = choose_size(p[order], curve, max_nodes=min(budget, n_base))
+        if k == 0:
+            self._plan = None
+            return 0
+        key = tuple(sorted(int(i) for i in order[:k]))
+        plan = self._plans.get(key)
+        if plan is None:
+            idx = [0, *key]
+            where = {j: i for i, j in enumerate(idx)}
+            par = [-1] + [where[int(self.stats.parents[j])] for j in key]
+            plan = (TreeShape.from_parents(par, self.device), torch.tensor(idx, dtype=torch.long, device=self.device))
+            if len(self._plans) > 512:
+                self._plans.clear()
+            self._plans[key] = plan
+        self._plan = plan
+        return k
 
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
@@ -59,22 +120,70 @@ class TokenRecycling(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        self._since = RECHOOSE  # choose afresh for the new request's cache length
         if prompt_logits is not None:
             ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
             self.matrix[ids] = prompt_logits.topk(self.k, dim=-1).indices.to(torch.int32)
 
-    def propose(self, ctx: DraftContext) -> Draft | None:
-        if self.template.size == 0 or ctx.budget < self.template.size:
+    def candidates(self, limit: int = 64) -> HostTree | None:
+        """The ``limit`` most probable nodes of this step's base tree, scored by P(accepted),
+        on the host (one device->host copy): for drafters that merge them with other trees."""
+        if self._base is None or self._ranked is None:
             return None
+        p, order = self._ranked
+        keep = sorted(int(i) for i in order[:limit])
+        tokens = self._base.tolist()
+        full = HostTree(tokens, [int(x) for x in self.stats.parents], [1.0, *p[1:].tolist()])
+        return _subset(full, keep)
+
+    def fill(self, root: torch.Tensor) -> torch.Tensor:
+        """The base template's tokens under ``root``: one gather per level."""
         tokens = torch.empty(self.shape.size, dtype=torch.long, device=self.device)
-        tokens[:1] = ctx.root
+        tokens[:1] = root
         flat = self.matrix.view(-1)
         for nodes, parents, ranks in self._levels:
             tokens[nodes] = flat[tokens[parents] * self.k + ranks].long()
-        return Draft(tokens, self.shape)
+        return tokens
+
+    def propose(self, ctx: DraftContext) -> Draft | None:
+        if self.template.size == 0:
+            return None
+        tokens = self._base = self.fill(ctx.root)
+        if not self.auto:
+            if ctx.budget < self.template.size:
+                return None
+            return Draft(tokens, self.shape)
+        if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > ctx.budget):
+            self.choose(ctx.latency, ctx.budget)
+            self._since = 0
+        self._since += 1
+        plan = self._plan
+        n = 0 if plan is None else plan[0].size - 1
+        self.chosen_sizes[n] = self.chosen_sizes.get(n, 0) + 1
+        if plan is None:
+            return None
+        return Draft(tokens.index_select(0, plan[1]), plan[0])
 
     def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:
         self.update(draft.tokens, logits)
+        self.learn(accepted)
+
+    def learn(self, accepted: list[int]) -> None:
+        """Acceptance statistics of every base node from the tokens this step emitted."""
+        base = self._base
+        if base is None or not self.auto:
+            return
+        self._base = None
+        m = len(accepted)
+        em = torch.tensor(accepted, dtype=torch.long).to(self.device, non_blocking=True)
+        depth = self.shape.depth
+        known = depth <= m  # the target's token at this depth is known this step
+        match = (base == em[(depth - 1).clamp(0, m - 1)]) & known
+        match[0] = True
+        on_path = ~(self.shape.ancestors & ~match[None, :]).any(1)  # the whole path matches
+        tried = on_path[self._parent_idx] & known
+        tried[0] = False
+        self.stats.update(tried, on_path & tried)
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Overwrite the rows of ``tokens`` with the top-k of their ``logits``."""
@@ -83,12 +192,16 @@ class TokenRecycling(Drafter):
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.matrix.zero_()
+        self.stats.reset()
+        self._since = RECHOOSE
 
     def save(self, path: str | Path) -> None:
+        """The matrix and the acceptance statistics of the base template's nodes."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": "freespec-recycling-1", "k": self.k, "matrix": self.matrix.cpu()}, tmp)
+        torch.save({"format": "freespec-recycling-1", "k": self.k, "matrix": self.matrix.cpu(),
+                    "template": self.template.name, "stats": self.stats.state_dict()}, tmp)
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
@@ -101,10 +214,14 @@ class TokenRecycling(Drafter):
                 f"{path} holds a matrix of shape {tuple(m.shape)}, this model needs {(self.vocab_size, self.k)}"
             )
         self.matrix.copy_(m.to(self.device))
+        stats = state.get("stats")
+        if stats is not None and state.get("template") == self.template.name:
+            self.stats.load_state_dict(stats)
+        self._since = RECHOOSE
 
 
 def default_template(device: torch.device | str) -> str:
-    """The tree used when none is named.
+    """The fixed tree used where no latency curve is at hand (``template="auto"`` without one).
 
     On a GPU a verify pass costs about the same for 1 or 100+ tokens, so the published 80-node
     tree pays (H100, Qwen2.5-Coder-1.5B bf16: 2.11x over plain, tr160 no better). On a 2-core

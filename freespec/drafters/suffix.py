@@ -33,6 +33,7 @@ import torch
 from .base import DraftContext, Drafter
 from .lookup import Retrieval
 from .merge import HostTree, to_draft
+from .sizing import TreeSizer, size_tree
 
 SEP = -1  # between sequences in a store's buffer; never a token, so matches stop at it
 
@@ -279,6 +280,9 @@ class SuffixDrafter(Drafter):
       store (None): a ``SuffixIndex`` to share between drafters (default: one per drafter,
         which lives as long as the drafter: one per model per process in CLI and server).
       key_lengths ((1, 2, 4, 8)): n-gram sizes indexed.
+      auto_size (True): cut each tree to the size the cost model says pays (the engine's
+        latency curve and the node probabilities, calibrated online against what the target
+        accepts); it may draft nothing. False: draft the whole tree.
     """
 
     name = "suffix"
@@ -299,8 +303,11 @@ class SuffixDrafter(Drafter):
         store_tokens: int = 200_000,
         store: SuffixIndex | None = None,
         key_lengths: Sequence[int] = (1, 2, 4, 8),
+        auto_size: bool = True,
     ):
         self.vocab_size = vocab_size
+        self.auto_size = bool(auto_size)
+        self.sizer = TreeSizer()
         self.device = torch.device(device)
         self.max_nodes = int(max_nodes)
         self.max_depth = int(max_depth)
@@ -368,6 +375,20 @@ class SuffixDrafter(Drafter):
         self.last = best
         return best
 
+    @property
+    def wants_latency(self) -> bool:  # type: ignore[override]
+        return self.auto_size
+
     def propose(self, ctx: DraftContext):
         r = self.retrieve(ctx)
-        return None if r is None else to_draft(r.tree, ctx.root.device)
+        if r is None:
+            return None
+        tree = r.tree
+        if self.auto_size and ctx.latency is not None:
+            tree = size_tree(self.sizer.calibrated(tree), ctx.latency, ctx.budget)
+            if tree is None:
+                return None
+        return to_draft(tree, ctx.root.device)
+
+    def observe(self, draft, logits, accepted: list[int]) -> None:
+        self.sizer.learn(accepted)

@@ -1,0 +1,435 @@
+"""Tree sizing by a cost model: expected accepted tokens per second.
+
+A speculative step that verifies ``n`` draft nodes (plus the root) costs ``latency(n + 1)``
+and emits ``1 + sum(p_i)`` tokens on average, where ``p_i`` is the probability that node
+``i`` ends up on the accepted path. Among the parent-closed node sets of each size the best
+is the ``k`` most probable nodes (a child is never more probable than its parent), so the
+choice is one pass over ``k = 0 .. K``:
+
+    k* = argmax_k (1 + p_(1) + ... + p_(k)) / latency(k + 1)
+
+``k = 0`` is plain decoding: where verification is expensive and acceptance low,
+speculation switches itself off.
+
+``latency`` is measured, not assumed: :func:`calibrate` times a verification step (the
+target's forward over ``n`` new tokens, the greedy walk and the top-k every tree drafter
+reads) for a range of ``n`` at two cache lengths, on this device, for this model, dtype and
+backend, and :func:`load_or_calibrate` keeps the curve on disk
+(``$FREESPEC_HOME/calibration``). ``freespec calibrate`` redoes it on request.
+
+Acceptance estimates come from the drafters: per template node for Token Recycling
+(:class:`NodeStats`), and a calibration of the drafter's own probability estimates for
+retrieval and draft-model trees (:class:`ScoreCalibrator`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "freespec-latency-1"
+# Speculation must beat plain decoding by this predicted margin before it is switched on:
+# estimates are noisy, and losing to plain decoding is the one thing a user would not accept.
+MARGIN = 0.03
+
+
+# --------------------------------------------------------------------------- latency
+@dataclass
+class LatencyModel:
+    """Seconds per verification step by tree size (nodes, root included) and cache length.
+
+    ``bucketed``: the backend pads a tree to the next measured size (CUDA graph buckets), so
+    the cost of ``n`` nodes is the cost of that size; otherwise it is interpolated linearly.
+    Across cache lengths it is linear (attention grows with the cache), extrapolated
+    beyond the measured lengths.
+    """
+
+    sizes: list[int]
+    cache_lens: list[int]
+    seconds: list[list[float]]  # [cache length][size]
+    bucketed: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.sizes or self.sizes[0] != 1 or sorted(set(self.sizes)) != list(self.sizes):
+            raise ValueError("latency sizes must be increasing and start at 1 (plain decoding)")
+        if len(self.seconds) != len(self.cache_lens) or any(len(r) != len(self.sizes) for r in self.seconds):
+            raise ValueError("latency table does not match its sizes and cache lengths")
+        self._cache: dict[float, np.ndarray] = {}
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def curve(self, cache_len: int = 0) -> np.ndarray:
+        """``c[n]`` = seconds for a step of ``n`` nodes, ``n = 1 .. max_size`` (``c[0]`` unused)."""
+        L = float(max(0, int(cache_len)))
+        c = self._cache.get(L)
+        if c is not None:
+            return c
+        n = np.arange(1, self.max_size + 1)
+        if self.bucketed:  # each size costs its bucket's time
+            idx = np.searchsorted(np.asarray(self.sizes), n, side="left")
+            rows = [np.asarray(r)[idx] for r in self.seconds]
+        else:
+            rows = [np.interp(n, self.sizes, r) for r in self.seconds]
+        if len(rows) == 1:
+            row = rows[0]
+        else:
+            ls = self.cache_lens
+            i = 0 if L <= ls[0] else min(len(ls) - 2, int(np.searchsorted(ls, L)) - 1)
+            w = (L - ls[i]) / (ls[i + 1] - ls[i])
+            row = rows[i] + w * (rows[i + 1] - rows[i])
+        # a floor keeps extrapolation sane (never below 10% of the measured plain step)
+        floor = 0.1 * min(r[0] for r in self.seconds)
+        c = np.concatenate(([np.inf], np.maximum(row, floor)))
+        if len(self._cache) >= 64:
+            self._cache.clear()
+        self._cache[L] = c
+        return c
+
+    def __call__(self, n: int, cache_len: int = 0) -> float:
+        n = int(n)
+        if not 1 <= n <= self.max_size:
+            raise ValueError(f"no latency for {n} nodes (measured 1..{self.max_size})")
+        return float(self.curve(cache_len)[n])
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "sizes": list(self.sizes),
+            "cache_lens": list(self.cache_lens),
+            "seconds": [[float(x) for x in r] for r in self.seconds],
+            "bucketed": self.bucketed,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError("not a freespec latency calibration")
+        return cls([int(s) for s in d["sizes"]], [int(x) for x in d["cache_lens"]],
+                   [[float(x) for x in r] for r in d["seconds"]], bool(d.get("bucketed")), dict(d.get("meta") or {}))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyModel":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def table(self) -> str:
+        """A readable table (ms) for the CLI."""
+        head = "nodes  " + "  ".join(f"L={L:<6d}" for L in self.cache_lens)
+        lines = [head]
+        for j, n in enumerate(self.sizes):
+            lines.append(f"{n:5d}  " + "  ".join(f"{self.seconds[i][j] * 1e3:8.2f}" for i in range(len(self.cache_lens))))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- choice
+def choose_size(probs: Sequence[float] | np.ndarray, curve: np.ndarray, max_nodes: int | None = None,
+                margin: float = MARGIN) -> int:
+    """How many of the nodes to draft (0 = plain decoding).
+
+    ``probs``: acceptance probabilities of candidate nodes, sorted high to low, parents
+    before children (so every prefix is a tree); ``curve``: :meth:`LatencyModel.curve`.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    k_max = min(len(p), len(curve) - 2)
+    if max_nodes is not None:
+        k_max = min(k_max, int(max_nodes))
+    if k_max <= 0:
+        return 0
+    gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.clip(p[:k_max], 0.0, 1.0))))
+    rate = gain / curve[1 : k_max + 2]
+    k = int(np.argmax(rate))
+    if k > 0 and rate[k] < rate[0] * (1.0 + margin):
+        return 0
+    return k
+
+
+def order_nodes(scores: Sequence[float], parents: Sequence[int]) -> np.ndarray:
+    """Node indices (root excluded) by score, high to low; every node after its parent.
+
+    Scores that do not decrease along paths make the plain sort parent-closed; ties keep
+    index order (parents have lower indices).
+    """
+    s = np.asarray(scores, dtype=np.float64)[1:]
+    return np.argsort(-s, kind="stable") + 1
+
+
+# --------------------------------------------------------------------------- acceptance
+class NodeStats:
+    """Online acceptance of each node of a fixed template, given that its parent was accepted.
+
+    Counts live on the drafter's device and are updated without a host sync; a smoothed
+    estimate per node (a Beta prior centred on ``prior``, ``strength`` pseudo-observations)
+    is read back only when the tree is re-chosen. Old evidence decays (``decay`` per step),
+    so the estimate follows the text being generated.
+    """
+
+    def __init__(self, prior: Sequence[float], parents: Sequence[int], device, strength: float = 4.0,
+                 decay: float = 0.998):
+        n = len(prior)
+        if len(parents) != n:
+            raise ValueError("one parent per node")
+        self.device = torch.device(device)
+        self.prior = np.clip(np.asarray(prior, dtype=np.float64), 1e-4, 1.0)
+        self.parents = np.asarray(parents, dtype=np.int64)
+        self.strength = float(strength)
+        self.decay = float(decay)
+        self.tries = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.hits = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self._pending = 0  # steps whose decay is not applied yet
+
+    def update(self, tried: torch.Tensor, hit: torch.Tensor) -> None:
+        """``tried``/``hit``: [n] bool: the node's parent was accepted / the node was."""
+        self.tries += tried
+        self.hits += hit
+        self._pending += 1
+
+    def conditional(self) -> np.ndarray:
+        """Estimated P(node accepted | parent accepted); reads the counts back (one small copy)."""
+        if self._pending:
+            f = self.decay**self._pending
+            self.tries.mul_(f)
+            self.hits.mul_(f)
+            self._pending = 0
+        t = self.tries.double().cpu().numpy()
+        h = self.hits.double().cpu().numpy()
+        m = self.strength
+        return (h + m * self.prior) / (t + m)
+
+    def path_probs(self) -> np.ndarray:
+        """P(node accepted) = product of conditionals from the root; index 0 (the root) = 1."""
+        q = self.conditional()
+        p = np.empty_like(q)
+        p[0] = 1.0
+        for i in range(1, len(q)):  # parents precede children
+            p[i] = p[self.parents[i]] * q[i]
+        return p
+
+    def state_dict(self) -> dict:
+        self.conditional()  # fold the pending decay in
+        return {"tries": self.tries.cpu(), "hits": self.hits.cpu()}
+
+    def load_state_dict(self, d: dict) -> None:
+        t, h = d["tries"], d["hits"]
+        if t.shape != self.tries.shape or h.shape != self.hits.shape:
+            raise ValueError(f"acceptance statistics for {t.shape[0]} nodes, this template has {self.tries.shape[0]}")
+        self.tries.copy_(t.to(self.device))
+        self.hits.copy_(h.to(self.device))
+        self._pending = 0
+
+    def reset(self) -> None:
+        self.tries.zero_()
+        self.hits.zero_()
+        self._pending = 0
+
+
+class ScoreCalibrator:
+    """Maps a drafter's own probability estimates to observed acceptance rates.
+
+    Retrieval counts and draft-model probabilities are over-confident (a continuation seen
+    once has "probability 1"). Estimates are binned; each bin's rate is smoothed toward its
+    centre and the map made non-decreasing, so a child never outranks its parent.
+    """
+
+    def __init__(self, bins: int = 20, strength: float = 8.0, decay: float = 0.999):
+        self.bins = int(bins)
+        self.strength = float(strength)
+        self.decay = float(decay)
+        self.n = np.zeros(self.bins)
+        self.hits = np.zeros(self.bins)
+        self.centres = (np.arange(self.bins) + 0.5) / self.bins
+        self._map = self.centres.copy()
+
+    def _bin(self, scores) -> np.ndarray:
+        s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+        return np.minimum((s * self.bins).astype(np.int64), self.bins - 1)
+
+    def __call__(self, scores) -> np.ndarray:
+        return self._map[self._bin(scores)]
+
+    def update(self, scores, accepted) -> None:
+        b = self._bin(scores)
+        self.n *= self.decay
+        self.hits *= self.decay
+        np.add.at(self.n, b, 1.0)
+        np.add.at(self.hits, b, np.asarray(accepted, dtype=np.float64))
+        rate = (self.hits + self.strength * self.centres) / (self.n + self.strength)
+        self._map = np.maximum.accumulate(rate)
+
+
+def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Sequence[int]) -> np.ndarray:
+    """Which nodes of a host tree lie on the path the target took (``emitted``: the step's tokens).
+
+    The tokens the target emits after a prefix do not depend on what was drafted (greedy, and
+    sampling with position-tied noise), so this holds for nodes that were never verified too.
+    """
+    n = len(tokens)
+    ok = np.zeros(n, dtype=bool)
+    ok[0] = True
+    depth = [0] * n
+    m = len(emitted)
+    for i in range(1, n):
+        p = parents[i]
+        d = depth[p] + 1
+        depth[i] = d
+        ok[i] = ok[p] and d <= m and tokens[i] == emitted[d - 1]
+    return ok
+
+
+# --------------------------------------------------------------------------- calibration
+DEFAULT_SIZES_CPU = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def calibration_key(model, backend) -> dict:
+    """What a latency curve depends on: model, dtype, device, backend, threads, torch."""
+    cfg = model.config
+    dims = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads",
+                                              "intermediate_size", "vocab_size")}
+    return {
+        "model": str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "")),
+        "dims": dims,
+        "dtype": str(backend.dtype if hasattr(backend, "dtype") else model.dtype),
+        "device": _device_name(backend.device),
+        "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else ""),
+        "torch": torch.__version__,
+    }
+
+
+def calibration_path(key: dict, home: Path | None = None) -> Path:
+    if home is None:
+        from .models import home_dir
+
+        home = home_dir()
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(home) / "calibration" / f"{h}.json"
+
+
+def _sizes_for(backend) -> tuple[list[int], bool]:
+    max_tree = int(getattr(backend, "max_tree", 256))
+    if getattr(backend, "graphs", False) or getattr(backend, "bucketed", False):
+        from .backends.native import TREE_BUCKETS
+
+        return [b for b in TREE_BUCKETS if b <= max_tree] or [1], True
+    return [s for s in DEFAULT_SIZES_CPU if s <= max_tree], False
+
+
+@torch.inference_mode()
+def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[int] | None = None,
+              repeats: int | None = None, stop_ratio: float = 6.0,
+              progress: Callable[[str], None] | None = None) -> LatencyModel:
+    """Time a verification step for each tree size at a few cache lengths (median of ``repeats``).
+
+    A step here is what every speculative step pays whatever the drafter: the forward over
+    the tree, the greedy walk, and the top-k of all logits. Sizes whose step exceeds
+    ``stop_ratio`` times the plain step are not measured (no acceptance could pay them); the
+    curve ends there. The backend's cache is left empty.
+    """
+    from .tree import Draft, TreeShape
+    from .verify import greedy_verify
+
+    dev = backend.device
+    auto_sizes, bucketed = _sizes_for(backend)
+    sizes = sorted({int(s) for s in (sizes or auto_sizes)} | {1})
+    max_len = int(backend.max_length)
+    if cache_lens is None:
+        cache_lens = (256, 2048) if dev.type == "cuda" else (256, 1024)
+    cache_lens = sorted({max(1, min(int(L), max_len - sizes[-1] - 1)) for L in cache_lens})
+    reps = int(repeats or (7 if dev.type == "cuda" else 5))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(backend.vocab_size)
+    table: list[list[float]] = []
+    measured = sizes
+    for L in cache_lens:
+        backend.reset()
+        backend.prefill(torch.randint(0, vocab, (L,), generator=gen).to(dev))
+        row: list[float] = []
+        for n in measured:
+            shape = TreeShape.from_parents([-1] + list(range(n - 1)), dev)
+            draft = Draft(torch.randint(0, vocab, (n,), generator=gen).to(dev), shape)
+
+            def step():
+                logits = backend.verify(draft)
+                v = greedy_verify(draft, logits)
+                logits.topk(8, dim=-1)
+                n_acc = v.n_accepted.item()
+                backend.commit(v.path, 0)  # keep nothing: the cache stays at L
+                return n_acc
+
+            step()  # warm-up (and graph capture where there are graphs)
+            ts = []
+            for _ in range(reps):
+                sync()
+                t = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t)
+            row.append(float(np.median(ts)))
+            if progress:
+                progress(f"  cache {L:5d}  nodes {n:4d}  {row[-1] * 1e3:8.2f} ms")
+            if len(table) == 0 and n > 1 and row[-1] > stop_ratio * row[0]:
+                measured = measured[: len(row)]
+                break
+        table.append(row)
+    backend.reset()
+    k = min(len(r) for r in table)
+    return LatencyModel(list(measured[:k]), list(cache_lens), [r[:k] for r in table], bucketed)
+
+
+def load_or_calibrate(model, backend, force: bool = False, home: Path | None = None,
+                      progress: Callable[[str], None] | None = None) -> LatencyModel:
+    """The cached curve for (model, device, dtype, backend), measuring it if missing or ``force``."""
+    key = calibration_key(model, backend)
+    path = calibration_path(key, home)
+    if not force and path.exists():
+        try:
+            lm = LatencyModel.load(path)
+            if lm.meta.get("key") == key:
+                return lm
+        except (ValueError, KeyError, OSError, json.JSONDecodeError):
+            pass  # unreadable or stale: measure again
+    if progress:
+        progress(f"calibrating verification latency on {key['device']} (once; cached in {path})")
+    t = time.perf_counter()
+    lm = calibrate(backend, progress=progress)
+    lm.meta = {"key": key, "seconds_taken": round(time.perf_counter() - t, 2),
+               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        lm.save(path)
+    except OSError as e:  # a read-only home still gets a working (uncached) curve
+        if progress:
+            progress(f"could not cache the calibration ({e})")
+    return lm

@@ -1,0 +1,50 @@
+"""Cost-model sizing for drafters that build host trees (retrieval, merged, draft-model trees).
+
+Their node scores are the drafter's own probability estimates; ``TreeSizer`` maps them to
+observed acceptance rates (``cost.ScoreCalibrator``, learnt from every step's emitted tokens)
+and cuts a tree to the node count that maximises expected tokens per second
+(``cost.choose_size``), or to nothing at all (a plain step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..cost import ScoreCalibrator, accepted_nodes, choose_size, order_nodes
+from .merge import HostTree, _subset
+
+
+def size_tree(tree: HostTree, curve: np.ndarray, budget: int) -> HostTree | None:
+    """The best-paying cut of ``tree`` by its scores (acceptance probabilities); None = no draft."""
+    if tree.size <= 1:
+        return None
+    order = order_nodes(tree.scores, tree.parents)
+    scores = np.asarray(tree.scores, dtype=np.float64)[order]
+    k = choose_size(scores, curve, max_nodes=budget)
+    if k == 0:
+        return None
+    if k >= tree.size - 1:
+        return tree
+    return _subset(tree, sorted(int(i) for i in order[:k]))
+
+
+class TreeSizer:
+    """Calibrated scores for one drafter's trees, learnt online."""
+
+    def __init__(self):
+        self.cal = ScoreCalibrator()
+        self._last: HostTree | None = None  # the raw tree of this step, to learn from
+
+    def calibrated(self, tree: HostTree) -> HostTree:
+        """The same tree with scores mapped to estimated acceptance probabilities."""
+        self._last = tree
+        s = self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
+        return HostTree(tree.tokens, tree.parents, [1.0, *s.tolist()])
+
+    def learn(self, accepted: list[int]) -> None:
+        """Which of the last tree's nodes the target took (drafted or cut) -> calibration."""
+        t, self._last = self._last, None
+        if t is None or t.size <= 1:
+            return
+        ok = accepted_nodes(t.tokens, t.parents, accepted)
+        self.cal.update(t.scores[1:], ok[1:])

@@ -1,0 +1,211 @@
+"""The cost model: latency curves, acceptance statistics, the tree choice, and losslessness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from freespec.cost import (
+    LatencyModel,
+    NodeStats,
+    ScoreCalibrator,
+    accepted_nodes,
+    calibrate,
+    choose_size,
+    load_or_calibrate,
+)
+from freespec.drafters import DraftContext, HybridDrafter, SuffixDrafter, TokenRecycling
+from freespec.drafters.merge import HostTree
+from freespec.drafters.sizing import size_tree
+from freespec.engine import Engine
+from freespec.tree import Draft, TreeShape
+
+from tiny import StubTokenizer, tiny_model
+
+
+def flat(max_size=256, ms=10.0):
+    """Verification costs the same for any tree (a GPU at batch 1)."""
+    return LatencyModel([1, max_size], [0], [[ms / 1e3, ms / 1e3]])
+
+
+def steep(ms=30.0, per_node=0.5):
+    """Every node costs a lot (a small CPU): by default 2 nodes cost 1.5 plain steps."""
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    return LatencyModel(sizes, [0], [[ms * (1 + per_node * (n - 1)) / 1e3 for n in sizes]])
+
+
+# --------------------------------------------------------------------------- choice
+def test_choice_grows_the_tree_when_verification_is_flat():
+    p = np.sort(np.random.default_rng(0).uniform(0.01, 0.9, 100))[::-1]
+    assert choose_size(p, flat().curve()) == 100  # any node with p > 0 is free
+    assert choose_size(p, flat().curve(), max_nodes=37) == 37
+
+
+def test_choice_picks_the_empty_tree_when_verification_is_expensive_and_acceptance_low():
+    low = np.array([0.3, 0.2, 0.1, 0.05])
+    assert choose_size(low, steep().curve()) == 0
+    # the same acceptance on flat hardware pays
+    assert choose_size(low, flat().curve()) == 4
+    # high acceptance pays even when nodes cost: 0.95 per node, 2 nodes at 1.5x
+    high = np.array([0.95, 0.9, 0.85])
+    assert choose_size(high, steep().curve()) >= 1
+
+
+def test_choice_maximises_tokens_per_second():
+    p = np.array([0.8, 0.6, 0.3, 0.1, 0.05])
+    curve = steep().curve()
+    k = choose_size(p, curve, margin=0.0)
+    rates = [(1 + p[:j].sum()) / curve[j + 1] for j in range(len(p) + 1)]
+    assert k == int(np.argmax(rates))
+
+
+def test_latency_curve_interpolates_and_round_trips(tmp_path):
+    lm = LatencyModel([1, 4, 8], [100, 1100], [[0.010, 0.016, 0.024], [0.020, 0.026, 0.034]])
+    assert lm(1, 100) == pytest.approx(0.010)
+    assert lm(2, 100) == pytest.approx(0.012)  # linear between sizes
+    assert lm(1, 600) == pytest.approx(0.015, rel=0.05)  # linear in the cache length
+    assert lm(8, 2100) > lm(8, 1100)  # extrapolated beyond
+    with pytest.raises(ValueError):
+        lm(9, 100)
+    b = LatencyModel([1, 4, 8], [0], [[0.010, 0.016, 0.024]], bucketed=True)
+    assert b(2) == b(3) == b(4) == pytest.approx(0.016)  # padded to the bucket
+    p = tmp_path / "c.json"
+    lm.save(p)
+    assert LatencyModel.load(p).to_dict() == lm.to_dict()
+    p.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError):
+        LatencyModel.load(p)
+
+
+def test_size_tree_cuts_by_probability():
+    # root -> a (0.9) -> b (0.8); root -> c (0.1)
+    t = HostTree([5, 1, 2, 3], [-1, 0, 1, 0], [1.0, 0.9, 0.8, 0.1])
+    cut = size_tree(t, steep().curve(), budget=10)
+    assert cut is not None and cut.tokens[1:] == [1, 2] or cut.tokens[1:] == [1]
+    assert size_tree(HostTree([5, 3], [-1, 0], [1.0, 0.05]), steep().curve(), 10) is None
+    assert size_tree(t, flat().curve(), budget=10).size == 4
+
+
+# --------------------------------------------------------------------------- statistics
+def test_node_stats_learn_conditional_rates_and_round_trip():
+    parents = [-1, 0, 1, 0]
+    st = NodeStats([1.0, 0.5, 0.5, 0.5], parents, "cpu", strength=1.0, decay=1.0)
+    for i in range(100):
+        hit1 = i % 4 != 0  # node 1 accepted 75%
+        tried = torch.tensor([False, True, hit1, True])
+        hit = torch.tensor([False, hit1, hit1 and i % 2 == 0, False])
+        st.update(tried, hit)
+    q = st.conditional()
+    assert q[1] == pytest.approx(0.75, abs=0.02)
+    assert q[2] == pytest.approx(1 / 3, abs=0.05)  # i % 4 == 2 of the i % 4 != 0
+    assert q[3] < 0.02
+    p = st.path_probs()
+    assert p[2] == pytest.approx(p[1] * q[2])
+    other = NodeStats([1.0, 0.5, 0.5, 0.5], parents, "cpu", strength=1.0)
+    other.load_state_dict(st.state_dict())
+    assert np.allclose(other.conditional(), q)
+
+
+def test_score_calibrator_maps_overconfident_scores_down_and_stays_monotone():
+    cal = ScoreCalibrator(bins=10, strength=2.0, decay=1.0)
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        s = rng.uniform(0, 1, 8)
+        cal.update(s, rng.uniform(0, 1, 8) < s * 0.5)  # true rate = half the claimed probability
+    m = cal(np.linspace(0, 1, 11))
+    assert np.all(np.diff(m) >= 0)
+    assert cal([0.95])[0] == pytest.approx(0.475, abs=0.08)
+
+
+def test_accepted_nodes_follows_the_emitted_path():
+    # root -> 7 -> 8 ; root -> 9 ; 7 -> 4
+    tokens, parents = [1, 7, 8, 9, 4], [-1, 0, 1, 0, 1]
+    assert accepted_nodes(tokens, parents, [7, 8, 2]).tolist() == [True, True, True, False, False]
+    assert accepted_nodes(tokens, parents, [7]).tolist() == [True, True, False, False, False]
+
+
+# --------------------------------------------------------------------------- drafters
+def _ctx(tokens, latency, budget=200):
+    return DraftContext(tokens=tokens, root=torch.tensor([tokens[-1]]), prompt_len=len(tokens),
+                        budget=budget, latency=latency)
+
+
+def test_recycling_auto_picks_by_cost():
+    tr = TokenRecycling(vocab_size=50, template="auto")
+    assert tr.wants_latency
+    big = tr.propose(_ctx([1, 2, 3], flat().curve()))
+    assert big is not None and big.size - 1 == tr.template.size  # free nodes: all of them
+    tr2 = TokenRecycling(vocab_size=50, template="auto")
+    # a node costs a whole plain step: the prior acceptance (0.55 at best) cannot pay
+    assert tr2.propose(_ctx([1, 2, 3], steep(per_node=1.0).curve())) is None
+    tr3 = TokenRecycling(vocab_size=50, template="auto")
+    assert tr3.propose(_ctx([1, 2, 3], steep(per_node=0.4).curve())).size == 2  # the best node pays
+    fixed = TokenRecycling(vocab_size=50, template="tr8")
+    assert not fixed.wants_latency and fixed.propose(_ctx([1, 2, 3], None)).size == 9
+
+
+def test_recycling_stats_learn_for_nodes_not_drafted_and_persist(tmp_path):
+    torch.manual_seed(0)
+    tr = TokenRecycling(vocab_size=20, template="auto")
+    # the matrix says: after t comes (t+1) % 20 at rank 0
+    for t in range(20):
+        tr.matrix[t, 0] = (t + 1) % 20
+    seq = list(range(20)) * 20
+    for i in range(2, 200, 3):  # each step: the target emits the next 3 tokens of the cycle
+        d = tr.propose(_ctx(seq[:i], steep(per_node=1.0).curve()))
+        d = d or Draft(torch.tensor([seq[i - 1]]), TreeShape.from_parents([-1]))
+        logits = torch.zeros(d.size, 20)
+        logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0  # the target agrees with the cycle
+        tr.observe(d, logits, seq[i : i + 3])
+    q = tr.stats.conditional()
+    chain = [j for j, p in enumerate(tr.template.paths, start=1) if set(p) == {0}]
+    assert q[chain[0]] > 0.9 and q[chain[1]] > 0.9  # learnt although the first steps drafted nothing
+    path = tmp_path / "tr.pt"
+    tr.save(path)
+    other = TokenRecycling(vocab_size=20, template="auto")
+    other.load(path)
+    assert np.allclose(other.stats.conditional(), q, atol=1e-6)
+    assert torch.equal(other.matrix, tr.matrix)
+
+
+# --------------------------------------------------------------------------- losslessness
+@pytest.mark.parametrize("latency", ["flat", "steep"])
+@pytest.mark.parametrize("drafter", ["recycling", "hybrid", "suffix"])
+def test_auto_sized_trees_stay_lossless(drafter, latency):
+    model = tiny_model("llama", seed=4)
+    tok = StubTokenizer()
+    lm = flat() if latency == "flat" else steep(ms=5)
+    plain = Engine(model, tok, drafter=None)
+    mk = {"recycling": lambda: TokenRecycling(97, template="auto"),
+          "hybrid": lambda: HybridDrafter(97, template="auto"),
+          "suffix": lambda: SuffixDrafter(97)}[drafter]
+    eng = Engine(model, tok, drafter=mk(), backend=plain.backend, latency=lm)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 97, (12,), generator=g).tolist()
+    drafted = 0
+    for prompt in (base * 3, torch.randint(0, 97, (30,), generator=g).tolist()):
+        ref = plain.generate(prompt, 48).tokens
+        res = eng.generate(prompt, 48)
+        assert res.tokens == ref
+        drafted += res.stats.draft_nodes
+    if latency == "flat" and drafter != "suffix":
+        assert drafted > 0  # speculation really ran
+
+
+def test_calibrate_measures_and_caches(tmp_path):
+    from freespec.backends.native import NativeBackend
+
+    model = tiny_model("llama", seed=1)
+    be = NativeBackend(model, max_length=256)
+    lm = calibrate(be, sizes=[1, 2, 4, 8], cache_lens=[16, 64], repeats=2)
+    assert lm.sizes == [1, 2, 4, 8] and lm.cache_lens == [16, 64]
+    assert all(s > 0 for r in lm.seconds for s in r)
+    assert be.cache_len == 0  # left empty
+    a = load_or_calibrate(model, be, home=tmp_path)
+    files = list((tmp_path / "calibration").glob("*.json"))
+    assert len(files) == 1
+    b = load_or_calibrate(model, be, home=tmp_path)  # read back, not measured again
+    assert b.meta["when"] == a.meta["when"] and b.to_dict() == a.to_dict()
+    c = load_or_calibrate(model, be, home=tmp_path, force=True)
+    assert c.meta["key"] == a.meta["key"]
