@@ -157,16 +157,82 @@ def test_tree_verify_matches_linear_hf(name, bucketed):
     torch.testing.assert_close(out, hb.verify(Draft(tokens, shape)), atol=ATOL, rtol=1e-4)
 
 
+def _inside(t: torch.Tensor, fused: torch.Tensor) -> bool:
+    start = fused.data_ptr()
+    end = start + fused.numel() * fused.element_size()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
+
+
+def _param_bytes(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
 def test_weights_are_referenced_not_copied():
     model = make("qwen2-gqa-bias-untied")
+    n_bytes = _param_bytes(model)
     be = NativeBackend(model)
-    att = model.model.layers[1].self_attn
+    att, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     w = be._layers[1]
-    assert w.wq.data_ptr() == att.q_proj.weight.data_ptr()
-    assert w.bk.data_ptr() == att.k_proj.bias.data_ptr()
+    assert w.wo.data_ptr() == att.o_proj.weight.data_ptr()
     assert be._head.data_ptr() == model.lm_head.weight.data_ptr()
+    # q/k/v and gate/up: the HF parameters are now views into one fused tensor each, in order
+    for fused, parts in (
+        (w.wqkv, (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)),
+        (w.bqkv, (att.q_proj.bias, att.k_proj.bias, att.v_proj.bias)),
+        (w.wgu, (mlp.gate_proj.weight, mlp.up_proj.weight)),
+    ):
+        assert fused.shape[0] == sum(p.shape[0] for p in parts)
+        assert all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts)
+        assert all(_inside(p, fused) for p in parts)
+        assert parts[0].data_ptr() == fused.data_ptr()
+        assert torch.equal(torch.cat([p.detach() for p in parts]), fused)
+    assert w.bgu is None  # no MLP bias in Qwen2
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    # no extra memory: the parameters' storages add up to what they did before
+    assert _param_bytes(model) == n_bytes
     tied = NativeBackend(make("llama-gqa-tied"))
     assert tied._head.data_ptr() == tied._embed.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen2-gqa-bias-untied", "llama-mha-untied-bias", "qwen3-qknorm", "llama-gqa-tied"]
+)
+def test_fusing_keeps_hf_model_and_second_backend(name):
+    model = make(name)
+    ids = rand_ids(30, seed=21)
+    ref = hf_logits(model, ids)
+    hb = HFBackend(model)
+    hb.reset()
+    ref_pre = hb.prefill(ids, all_logits=True)
+    first = NativeBackend(model)
+    # the HF model computes exactly as before on its re-pointed parameters
+    assert torch.equal(hf_logits(model, ids), ref)
+    hb.reset()
+    assert torch.equal(hb.prefill(ids, all_logits=True), ref_pre)
+    # a second backend over the same model reuses the fused tensors (no second fusion)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    second = NativeBackend(model)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    for a, b in zip(first._layers, second._layers):
+        assert a.wqkv.data_ptr() == b.wqkv.data_ptr() and a.wgu.data_ptr() == b.wgu.data_ptr()
+        assert a.wqkv.shape == b.wqkv.shape and a.wgu.shape == b.wgu.shape
+    outs = []
+    for be in (first, second):
+        be.reset()
+        outs.append(be.prefill(ids, all_logits=True))
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], ref, atol=ATOL, rtol=1e-4)
+
+
+def test_fusing_under_inference_mode_keeps_normal_parameters():
+    model = make("llama-gqa-tied")
+    with torch.inference_mode():
+        NativeBackend(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    with torch.no_grad():  # still writable in place outside inference mode (e.g. load_state_dict)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.0)
+    model.load_state_dict(model.state_dict())
 
 
 # --------------------------------------------------------------------------- KV compaction
@@ -400,6 +466,82 @@ def test_cuda_graph_replay_matches_eager(name):
         assert Engine(model, tok, drafter="recycling", backend=graph).generate(prompt, 80).tokens == ref
 
 
+# --------------------------------------------------------------------------- torch.compile
+def test_compile_defaults_off_the_gpu():
+    model = make("llama-gqa-tied")
+    if not torch.cuda.is_available():
+        be = NativeBackend(model)
+        assert not be.compile and "off by default" in be.compile_skip_reason and not be.bucketed
+    off = NativeBackend(model, compile=False)
+    assert not off.compile and off.compile_skip_reason == "compile=False"
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    from freespec.backends import native
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("inductor exploded\nlong trace")
+
+        return run
+
+    monkeypatch.setattr(native, "_compiled", broken)
+    monkeypatch.setattr(native, "_compile_unavailable", lambda dev: None)
+    model = make("qwen2-gqa-bias-untied")
+    be = NativeBackend(model, compile=True)
+    ref = NativeBackend(model)
+    ref.bucketed = True
+    shape = shape_of("tr16")
+    tokens = rand_ids(shape.size, seed=3)
+    outs = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for b in (be, ref):
+            b.reset()
+            b.prefill(rand_ids(20))
+            outs.append(b.verify(Draft(tokens, shape)))
+    assert not be.compile and "inductor exploded" in be.compile_skip_reason
+    assert sum("inductor exploded" in str(x.message) for x in w) == 1  # warned once
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2-gqa-bias-untied", "qwen3-qknorm"])
+def test_compiled_layers_match_eager(name):
+    """compile=True on the CPU (inductor's C++ backend): the same logits as the eager path."""
+    import shutil
+
+    from freespec.backends.native import _compile_unavailable
+
+    why = _compile_unavailable(torch.device("cpu"))
+    if why or shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip(why or "no C++ compiler for inductor's CPU backend")
+    from torch._dynamo.utils import counters
+
+    model = make(name, seed=18)
+    graphs_before = counters["stats"]["unique_graphs"]
+    be = NativeBackend(model, compile=True)
+    assert be.compile and be.bucketed
+    eager = NativeBackend(model)
+    eager.bucketed = True
+    prefix = rand_ids(25, seed=19)
+    outs = {}
+    for key, b in (("compiled", be), ("eager", eager)):
+        b.reset()
+        b.prefill(prefix)
+        shape = shape_of("tr16")
+        got = [b.verify(Draft(rand_ids(shape.size, seed=20), shape))]
+        b.commit(shape.paths[-1], int(shape.depth[-1]))
+        got.append(_plain_continue(b, int(prefix[-1]), 6))
+        outs[key] = got
+    if not be.compile:
+        pytest.skip(f"torch.compile failed here: {be.compile_skip_reason}")
+    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=ATOL, rtol=1e-4)
+    assert outs["compiled"][1] == outs["eager"][1]
+    # one artifact per (function, query count) serves both layers: at most 2 x 2, not 2 x 2 x 2
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 4
+
+
 # --------------------------------------------------------------------------- real model
 @pytest.mark.real_model
 def test_real_model_native_matches_hf(default_model):
@@ -434,3 +576,16 @@ def test_model_moved_after_build_is_detected():
     with pytest.raises(RuntimeError, match="build a new NativeBackend"):
         be.reset()
         be.prefill(rand_ids(4))
+    # the move gave the parameters fresh storage: a new backend fuses them again, and is right
+    again = NativeBackend(model)
+    assert again._layers[0].wqkv.dtype == torch.float64
+    again.reset()
+    ids = rand_ids(12)
+    torch.testing.assert_close(again.prefill(ids, all_logits=True), hf_logits(model, ids), atol=ATOL, rtol=1e-4)
+
+
+def test_partial_qkv_bias_falls_back_to_hf():
+    model = make("qwen2-gqa-bias-untied")
+    model.model.layers[1].self_attn.k_proj.bias = None  # q/k/v are fused into one linear
+    assert "bias" in unsupported_reason(model)
+    assert isinstance(make_backend(model, prefer="auto"), HFBackend)

@@ -2,14 +2,18 @@
 
 Why: the HF forward costs a lot of Python and mask building per call, and its dynamic cache
 cannot be captured in a CUDA graph. This backend runs the same math on the model's *own*
-weight tensors (referenced, never copied) with:
+weight tensors (referenced, never copied; each layer's q/k/v and gate/up weights are fused
+into one tensor that the HF parameters are re-pointed into, so one GEMM does each) with:
 
 * one preallocated static KV cache for all layers, ``kv[layer, k|v, kv_head, slot, head_dim]``,
   so keeping the accepted path after verification is one gather + one scatter over all layers;
 * the cache length held as a 0-d device tensor as well, so a verify forward has static shapes:
   the attention mask is built on the device from that tensor and the tree's ancestor matrix;
 * on CUDA, the verify / one-token decode forward captured as a CUDA graph per
-  (tree-size bucket, KV-extent bucket), lazily on first use. Prefill always runs eagerly.
+  (tree-size bucket, KV-extent bucket), lazily on first use. Prefill always runs eagerly;
+* on CUDA, the per-layer work around attention (norms, projections, rope, residuals, SiLU)
+  runs through torch.compile, which fuses its pointwise parts: about half the kernels of the
+  eager layer, which is what a small model's decode step is bound by, even inside a graph.
 
 Supported: ``llama`` (SmolLM2, Llama 2/3 incl. llama3 rope scaling), ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k head norms), ``mistral`` (within its sliding window). Anything else raises
@@ -98,6 +102,9 @@ def unsupported_reason(model) -> str | None:
             return f"layer {i}: unexpected MLP layout"
         if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm")):
             return f"layer {i}: unexpected norm layout"
+        for group in ((att.q_proj, att.k_proj, att.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            if len({getattr(m, "bias", None) is None for m in group}) > 1:  # fused into one linear
+                return f"layer {i}: only some of the q/k/v or gate/up projections have a bias"
     params = list(model.parameters())
     devices = {p.device for p in params}
     dtypes = {p.dtype for p in params}
@@ -139,26 +146,67 @@ def tree_bucket(n: int) -> int:
     raise ValueError(f"a draft of {n} nodes is larger than the biggest bucket ({TREE_BUCKETS[-1]})")
 
 
+# --------------------------------------------------------------------------- fused weights
+def _span(ps: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over ``ps`` if they lie back to back, in order, in one storage (an earlier
+    backend fused them), else None."""
+    first = ps[0]
+    store, ptr = first.untyped_storage().data_ptr(), first.data_ptr()
+    for p in ps:
+        if (
+            not p.is_contiguous()
+            or (p.dtype, p.device) != (first.dtype, first.device)
+            or p.shape[1:] != first.shape[1:]
+            or p.untyped_storage().data_ptr() != store
+            or p.data_ptr() != ptr
+        ):
+            return None
+        ptr += p.numel() * p.element_size()
+    size = (sum(p.shape[0] for p in ps), *first.shape[1:])
+    return torch.as_strided(first.detach(), size, first.stride(), first.storage_offset())
+
+
+def _fuse(mods, attr: str) -> torch.Tensor | None:
+    """``attr`` (weight / bias) of the linear layers ``mods`` stacked along dim 0 as one tensor,
+    so a layer runs one GEMM instead of three (q, k, v) or two (gate, up).
+
+    The HF parameters are re-pointed at their slices of the stacked tensor: memory is not
+    doubled and the HF model computes exactly as before. A second backend over the same model
+    finds the parameters already back to back and reuses them. If the model is later moved or
+    cast, its parameters get fresh storage and this backend's check_weights notices.
+    """
+    ps = [getattr(m, attr) for m in mods]
+    if ps[0] is None:  # all or none (unsupported_reason)
+        return None
+    fused = _span(ps)
+    if fused is None:
+        # normal (not inference) tensors even when built under inference_mode: they become the
+        # model's parameters, which must stay usable (and writable) outside it
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([p.detach() for p in ps])
+            a = 0
+            for p in ps:
+                p.data = fused[a : a + p.shape[0]]
+                a += p.shape[0]
+    return fused
+
+
 # --------------------------------------------------------------------------- the forward
 class _Layer:
-    __slots__ = (
-        "ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn",
-        "ln2", "wg", "bg", "wu", "bu", "wd", "bd",
-    )  # fmt: skip
+    __slots__ = ("ln1", "wqkv", "bqkv", "qn", "kn", "wo", "bo", "ln2", "wgu", "bgu", "wd", "bd")
 
     def __init__(self, layer):
         att, mlp = layer.self_attn, layer.mlp
         self.ln1 = layer.input_layernorm.weight
         self.ln2 = layer.post_attention_layernorm.weight
-        self.wq, self.bq = att.q_proj.weight, att.q_proj.bias
-        self.wk, self.bk = att.k_proj.weight, att.k_proj.bias
-        self.wv, self.bv = att.v_proj.weight, att.v_proj.bias
+        qkv = (att.q_proj, att.k_proj, att.v_proj)
+        self.wqkv, self.bqkv = _fuse(qkv, "weight"), _fuse(qkv, "bias")  # [(hq + 2 hkv) d, hidden]
         self.wo, self.bo = att.o_proj.weight, att.o_proj.bias
         qn, kn = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
         self.qn = qn.weight if qn is not None else None
         self.kn = kn.weight if kn is not None else None
-        self.wg, self.bg = mlp.gate_proj.weight, mlp.gate_proj.bias
-        self.wu, self.bu = mlp.up_proj.weight, mlp.up_proj.bias
+        gu = (mlp.gate_proj, mlp.up_proj)
+        self.wgu, self.bgu = _fuse(gu, "weight"), _fuse(gu, "bias")  # [2 inter, hidden]
         self.wd, self.bd = mlp.down_proj.weight, mlp.down_proj.bias
 
 
@@ -183,6 +231,82 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tens
     return torch.addcmul(x * cos, swapped, sin_s)
 
 
+# The layer minus attention, as two plain functions of (activations, weights): torch.compile
+# fuses their pointwise work into a few kernels, and one compiled artifact per query count
+# serves every layer (weights are arguments, not constants). Eager runs call them as they are.
+def _pre_attn(h, delta, ln, wqkv, bqkv, qn, kn, cos, sin_s, eps: float, hkv: int, g: int):
+    """Residual add of the previous layer's MLP output ``delta``, RMSNorm, the fused q/k/v
+    projection, q/k head norms (Qwen3), rope. Returns the residual stream ``h``, the queries
+    with each KV head's ``g`` query heads folded into the query axis ([1, hkv, g * n, d], rows
+    (group, token)) and the new keys / values as [hkv, n, d] (the cache's layout)."""
+    h = h + delta
+    n, d, hq = h.shape[0], cos.shape[-1], hkv * g
+    qkv = F.linear(_rms(h, ln, eps), wqkv, bqkv).view(n, hq + 2 * hkv, d)
+    qk, v = qkv[:, : hq + hkv], qkv[:, hq + hkv :]  # q and k are adjacent: one rope for both
+    if qn is not None:
+        qk = torch.cat((_rms(qk[:, :hq], qn, eps), _rms(qk[:, hq:], kn, eps)), dim=1)
+    qk = _rope(qk, cos, sin_s)
+    q = qk[:, :hq].reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+    return h, q, qk[:, hq:].transpose(0, 1), v.transpose(0, 1)
+
+
+def _post_attn(h, a, wo, bo, ln, wgu, bgu, wd, bd, eps: float):
+    """Unfold the attention output, o_proj + residual add, RMSNorm, the fused gate/up
+    projection, silu(gate) * up, down. Returns ``(h, mlp_out)``: the MLP's residual add is left
+    to the next layer's ``_pre_attn`` (or the final norm), where it fuses into the norm's kernel."""
+    n = h.shape[0]
+    _, hkv, gn, d = a.shape
+    a = a[0].view(hkv, gn // n, n, d).permute(2, 0, 1, 3).reshape(n, -1)
+    h = h + F.linear(a, wo, bo)
+    gate, up = F.linear(_rms(h, ln, eps), wgu, bgu).chunk(2, dim=-1)
+    return h, F.linear(F.silu(gate) * up, wd, bd)
+
+
+def _compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run the layer functions on ``device``, or None if it should."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    try:
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
+
+        if not dynamo.is_dynamo_supported():
+            return "torch.compile is not supported on this Python / platform"
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "no usable Triton for this GPU (inductor needs it)"
+    except Exception as e:  # pragma: no cover - broken installs
+        return f"torch.compile unavailable: {type(e).__name__}: {e}"
+    return None
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``fn`` compiled once per process (shared by all backends), for static shapes.
+
+    No ``mode``: "reduce-overhead" would capture CUDA graphs of its own, while the backend
+    captures the whole forward itself. Each tree bucket is a new shape, i.e. a recompile of
+    the same code object; dynamo's default limit of 8 would silently drop the rest to eager.
+    """
+    c = _COMPILED.get(fn)
+    if c is None:
+        import torch._dynamo.config as dcfg
+        import torch._inductor.config as icfg
+
+        name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+        setattr(dcfg, name, max(getattr(dcfg, name), 4 * len(TREE_BUCKETS)))  # room for a draft model
+        # Eager's numerics: keep its bf16/fp16 roundings between fused ops (inductor elides them
+        # by default), and no pattern rewrites (e.g. `h + x @ w` -> one addmm: one rounding
+        # less than eager). Pointwise fusion is the scheduler's work and stays on.
+        want = {"emulate_precision_casts": True, "pattern_matcher": False}
+        opts = {k: v for k, v in want.items() if hasattr(icfg, k)}
+        c = _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+    return c
+
+
 @dataclass
 class _TreeBufs:
     tok: torch.Tensor  # [nb] int64
@@ -201,9 +325,14 @@ class _Graph:
 class NativeBackend(Backend):
     """Static-cache, graph-capturable Llama-family forward over the HF model's weights.
 
-    ``graphs``: None = on when the model is on CUDA. ``max_tree``: the largest draft (nodes,
-    root included) that ``verify`` accepts. ``kv_block``: on CUDA, attention reads the cache up to
+    ``graphs``: None = on when the model is on CUDA. ``compile``: torch.compile the per-layer
+    work around attention for verify / decode (static shapes: one compile per tree bucket, at its
+    first use); None = on when the model is on CUDA and torch.compile can run there. Prefill
+    stays eager (its chunk lengths vary). ``max_tree``: the largest draft (nodes, root included)
+    that ``verify`` accepts. ``kv_block``: on CUDA, attention reads the cache up to
     ``cache_len + tree bucket`` rounded up to this many slots (one graph per extent bucket).
+
+    Building the backend fuses each layer's q/k/v and gate/up weights in place (see ``_fuse``).
     """
 
     def __init__(
@@ -214,6 +343,7 @@ class NativeBackend(Backend):
         max_tree: int = 256,
         kv_block: int = 512,
         prefill_chunk: int = 512,
+        compile: bool | None = None,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -267,6 +397,7 @@ class NativeBackend(Backend):
         self._head = head_w
         self._head_bias = getattr(model.get_output_embeddings(), "bias", None)
         self._layers = [_Layer(layer) for layer in inner.layers]
+        self._q0 = inner.layers[0].self_attn.q_proj  # its weight must stay a view of _layers[0].wqkv
 
         dev = self.device
         slots = self.max_length + self._max_bucket
@@ -304,6 +435,22 @@ class NativeBackend(Backend):
         # (static shapes). Always on with graphs; may be set on the CPU to run the exact code a
         # graph captures, eagerly (the tests do).
         self.bucketed = want
+
+        # torch.compile of the layer functions (static shapes only: the bucketed path)
+        if compile is not None and not compile:
+            why = "compile=False"
+        elif compile is None and dev.type != "cuda":
+            why = f"compile is off by default on {dev.type} (pass compile=True)"
+        else:
+            why = _compile_unavailable(dev)
+            if why is not None and compile:
+                warnings.warn(f"{why}: running the layers eagerly", stacklevel=2)
+        self.compile_skip_reason: str | None = why
+        self.compile = why is None
+        if self.compile:
+            self.bucketed = True  # compiled code wants the padded, static shapes
+            self._cpre = self._with_fallback(_compiled(_pre_attn), _pre_attn)
+            self._cpost = self._with_fallback(_compiled(_post_attn), _post_attn)
         self._bufs: dict[int, _TreeBufs] = {}
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
@@ -327,22 +474,44 @@ class NativeBackend(Backend):
 
     def _check_weights(self) -> None:
         # Host-side attribute reads only. Moving or casting the model after building the backend
-        # would leave the cache (and captured graphs) on the old device / dtype.
+        # would leave the cache (and captured graphs) on the old device / dtype, and gives its
+        # parameters fresh storage, away from this backend's fused q/k/v and gate/up tensors.
         w = self._embed
-        if w.dtype != self.dtype or w.device != self.device:
+        if (
+            w.dtype != self.dtype
+            or w.device != self.device
+            or self._q0.weight.data_ptr() != self._layers[0].wqkv.data_ptr()
+        ):
             raise RuntimeError(
                 f"the model moved to {w.device}/{w.dtype} after this backend was built for "
                 f"{self.device}/{self.dtype}: build a new NativeBackend"
             )
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, tokens, pos, slots, vis, ext: int, keep: int | None = None):
+    def _with_fallback(self, compiled, eager):
+        """``compiled``, or ``eager`` for good once compiling or running it has failed (warned once)."""
+
+        def call(*args):
+            if self.compile:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # the layer functions are pure: rerunning them eagerly is safe
+                    self.compile = False
+                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    self.compile_skip_reason = f"torch.compile failed ({type(e).__name__}: {first}): running eager"
+                    warnings.warn(self.compile_skip_reason, stacklevel=2)
+            return eager(*args)
+
+        return call
+
+    def _forward(self, tokens, pos, slots, vis, ext: int, keep: int | None = None, static: bool = False):
         """Run the decoder on ``tokens`` [n] at positions ``pos``; write their KV at ``slots``;
         query i sees cache slot j < ext iff ``vis[i, j]``. Logits of the last ``keep`` rows
-        (all rows if None, none if 0)."""
+        (all rows if None, none if 0). ``static``: shapes come from a bucket, so the compiled
+        layer functions may run (a new n would be a recompile)."""
         n = tokens.shape[0]
-        hq, hkv, d, g = self.n_heads, self.n_kv, self.head_dim, self.groups
-        eps = self.eps
+        hkv, g, eps = self.n_kv, self.groups, self.eps
+        pre, post = (self._cpre, self._cpost) if static and self.compile else (_pre_attn, _post_attn)
         cos = self._cos.index_select(0, pos).unsqueeze(1)  # [n, 1, d]
         sin_s = self._sin_s.index_select(0, pos).unsqueeze(1)
         bias = torch.zeros(n, ext, dtype=self.dtype, device=tokens.device).masked_fill_(~vis, self._neg)
@@ -350,37 +519,25 @@ class NativeBackend(Backend):
             bias = bias.repeat(g, 1)  # rows follow the folded query order (group, token)
         bias = bias.view(1, 1, g * n, ext)
         h = F.embedding(tokens, self._embed)
+        delta = torch.zeros_like(h)  # the pending MLP output, added at the next norm
         kv = self.kv
         for li, w in enumerate(self._layers):
-            x = _rms(h, w.ln1, eps)
-            q = F.linear(x, w.wq, w.bq).view(n, hq, d)
-            k = F.linear(x, w.wk, w.bk).view(n, hkv, d)
-            v = F.linear(x, w.wv, w.bv).view(n, hkv, d)
-            if w.qn is not None:
-                q = _rms(q, w.qn, eps)
-                k = _rms(k, w.kn, eps)
-            qk = _rope(torch.cat((q, k), dim=1), cos, sin_s)  # one rope for q and k
-            q, k = qk[:, :hq], qk[:, hq:]
+            h, q, k, v = pre(h, delta, w.ln1, w.wqkv, w.bqkv, w.qn, w.kn, cos, sin_s, eps, hkv, g)
             kc, vc = kv[li, 0], kv[li, 1]  # [hkv, slots, d]
-            kc.index_copy_(1, slots, k.transpose(0, 1))
-            vc.index_copy_(1, slots, v.transpose(0, 1))
-            # fold each KV head's g query heads into the query axis: rows (group, token)
-            qh = q.reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+            kc.index_copy_(1, slots, k)
+            vc.index_copy_(1, slots, v)
             a = F.scaled_dot_product_attention(
-                qh, kc[None, :, :ext], vc[None, :, :ext], attn_mask=bias, scale=self.scale
+                q, kc[None, :, :ext], vc[None, :, :ext], attn_mask=bias, scale=self.scale
             )
-            a = a[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
-            h = h + F.linear(a, w.wo, w.bo)
-            x = _rms(h, w.ln2, eps)
-            h = h + F.linear(F.silu(F.linear(x, w.wg, w.bg)) * F.linear(x, w.wu, w.bu), w.wd, w.bd)
+            h, delta = post(h, a, w.wo, w.bo, w.ln2, w.wgu, w.bgu, w.wd, w.bd, eps)
         if keep is not None:
             if keep == 0:
                 return None
-            h = h[n - keep :]
-        h = _rms(h, self._norm, eps)
+            h, delta = h[n - keep :], delta[n - keep :]
+        h = _rms(h + delta, self._norm, eps)
         return F.linear(h, self._head, self._head_bias)
 
-    def _tree_forward(self, tokens, depth, anc, nb: int, ext: int):
+    def _tree_forward(self, tokens, depth, anc, nb: int, ext: int, static: bool = False):
         """Tree attention at the device-side cache length; static shapes for a given (nb, ext)."""
         L = self._len_t
         slots = self._ar[:nb] + L
@@ -388,7 +545,7 @@ class NativeBackend(Backend):
         rel = self._ar[:ext] - L  # key slot relative to the tree's first slot
         cols = anc.index_select(1, rel.clamp(0, nb - 1))  # [nb, ext]
         vis = (rel < 0) | ((rel < nb) & cols)
-        return self._forward(tokens, pos, slots, vis, ext)
+        return self._forward(tokens, pos, slots, vis, ext, static=static)
 
     # ------------------------------------------------------------------ Backend API
     @torch.inference_mode()
@@ -493,7 +650,7 @@ class NativeBackend(Backend):
             b.shape = shape
         b.tok[:n].copy_(draft.tokens)
         if not self.graphs:
-            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext)[:n]
+            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext, static=True)[:n]
         g = self._graphs.get((nb, ext))
         if g is None:
             g = self._capture(nb, ext, b)
@@ -502,7 +659,7 @@ class NativeBackend(Backend):
 
     def _capture(self, nb: int, ext: int, b: _TreeBufs) -> _Graph:
         def fn():
-            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext)
+            return self._tree_forward(b.tok, b.depth, b.anc, nb, ext, static=True)
 
         with torch.cuda.device(self.device):
             if self._pool is None:
