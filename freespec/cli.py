@@ -142,8 +142,8 @@ def cmd_calibrate(args) -> int:
     lm = load_or_calibrate(model, backend, force=args.force, progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"verify step latency (ms) by draft nodes + root and cache length ({'cached' if cached else 'measured'}):")
     print(lm.table())
-    print(f"
-{path}")
+    print()
+    print(path)
     return 0
 
 
