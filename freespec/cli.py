@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf-prompt-lookup, hf-assisted (default: plain,recycling,hf-greedy)")
     b.add_argument("--dataset", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")
     b.add_argument("--per-category", type=int, default=None, help="run only the first N questions of each category")
+    b.add_argument("--group-by", default="spec-bench", choices=["spec-bench", "category"],
+                   help="spec-bench (default): MT-bench's eight categories count as Spec-Bench's one "
+                        "multi_turn category; category: the file's categories as they are")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--warmup-tokens", type=int, default=None, help="tokens per warm-up run (default: --max-new-tokens)")
     b.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")

@@ -365,6 +365,8 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     auto_sizes, bucketed = _sizes_for(backend)
     sizes = sorted({int(s) for s in (sizes or auto_sizes)} | {1})
     max_len = int(backend.max_length)
+    # a short context cannot hold a long cache and a large tree: measure trees up to half of it
+    sizes = [s for s in sizes if s <= max(1, max_len // 2)]
     if cache_lens is None:
         cache_lens = (256, 2048) if dev.type == "cuda" else (256, 1024)
     cache_lens = sorted({max(1, min(int(L), max_len - sizes[-1] - 1)) for L in cache_lens})

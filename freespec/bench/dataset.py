@@ -55,6 +55,26 @@ def load(path: str | Path | None) -> list[Question]:
     return out
 
 
+# Spec-Bench reports six categories; its multi-turn part is MT-bench, whose questions carry
+# MT-bench's own eight categories in question.jsonl.
+MT_BENCH_CATEGORIES = frozenset(
+    {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+)
+MULTI_TURN = "multi_turn"
+GROUPINGS = ("spec-bench", "category")
+
+
+def regroup(questions: list[Question], group_by: str = "spec-bench") -> list[Question]:
+    """``spec-bench``: MT-bench's eight categories become Spec-Bench's one ``multi_turn``
+    category (other categories are kept); ``category``: the file's categories as they are."""
+    if group_by not in GROUPINGS:
+        raise DatasetError(f"unknown grouping {group_by!r}; use one of {', '.join(GROUPINGS)}")
+    if group_by == "category":
+        return list(questions)
+    return [Question(q.question_id, MULTI_TURN, q.turns) if q.category in MT_BENCH_CATEGORIES else q
+            for q in questions]
+
+
 def per_category(questions: list[Question], n: int | None) -> list[Question]:
     """The first ``n`` questions of each category, in file order (all if n is None)."""
     if n is None:

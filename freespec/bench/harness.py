@@ -254,7 +254,7 @@ def cli_main(args) -> int:
     from .. import models
     from ..cli import load_engine
     from .dataset import load as load_dataset
-    from .dataset import per_category
+    from .dataset import per_category, regroup
     from .report import overall_table
 
     if args.per_category is not None and args.per_category <= 0:
@@ -262,7 +262,8 @@ def cli_main(args) -> int:
     if args.max_new_tokens <= 0:
         raise BenchError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     specs = resolve_methods(args.methods, have_draft_model=bool(args.draft_model))
-    questions = per_category(load_dataset(args.dataset), args.per_category)
+    questions = per_category(regroup(load_dataset(args.dataset), getattr(args, "group_by", "spec-bench")),
+                             args.per_category)
 
     print(f"loading {args.model} ...", file=sys.stderr)
     eng = load_engine(args, drafter="none")
@@ -283,7 +284,8 @@ def cli_main(args) -> int:
         draft_model=draft_model, draft_tokenizer=draft_tok, backend=eng.backend,
         warmup_tokens=args.warmup_tokens,
         config={"model": args.model, "draft_model": args.draft_model if draft_model is not None else None,
-                "dataset": args.dataset, "per_category": args.per_category},
+                "dataset": args.dataset, "per_category": args.per_category,
+                "group_by": getattr(args, "group_by", "spec-bench")},
     )
     print(overall_table(results["summary"]))
     n_div = len(results["summary"]["divergences"])
