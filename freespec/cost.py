@@ -199,8 +199,16 @@ class NodeStats:
 
     def update(self, tried: torch.Tensor, hit: torch.Tensor) -> None:
         """``tried``/``hit``: [n] bool: the node's parent was accepted / the node was."""
+        self.count(tried, hit)
+        self.tick()
+
+    def count(self, tried: torch.Tensor, hit: torch.Tensor) -> None:
+        """The device half of ``update`` (graph-capturable)."""
         self.tries += tried
         self.hits += hit
+
+    def tick(self) -> None:
+        """The host half of ``update``: one more step whose decay is pending."""
         self._pending += 1
 
     def conditional(self) -> np.ndarray:

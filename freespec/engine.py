@@ -252,39 +252,64 @@ class Engine:
         if piece:
             yield piece
 
+        # Whole greedy steps on the device (drafter fill, forward, walk, KV compaction, drafter
+        # update: one CUDA graph replay) where the backend and the drafter both offer it; any
+        # step either one declines goes through propose / verify / commit / observe below.
+        on_device = (sampling.greedy and drafter is not None and be.captures_steps
+                     and hasattr(drafter, "device_step"))
+        if on_device:
+            be.set_root(root)
         while finish is None:
             ta = clock()
             budget = be.max_length - be.cache_len - 1
-            draft = None
+            draft = ds = None
             if drafter is not None:
                 curve = None if lat is None else lat.curve(be.cache_len)
-                draft = drafter.propose(
-                    DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
-                )
-            if draft is None:
-                draft = Draft(root, self._root_shape)
-            sync()
-            tb = clock()
-            logits = be.verify(draft)
-            if sampling.greedy:
-                verdict = greedy_verify(draft, logits)
+                if root is None:  # after a device step the root lives in the backend
+                    root = torch.tensor([tokens[-1]], dtype=torch.long, device=dev)
+                ctx = DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
+                if on_device:
+                    ds = drafter.device_step(ctx)
+                if ds is None:
+                    draft = drafter.propose(ctx)
+            if ds is not None:
+                sync()
+                tb = clock()
+                host = be.step(ds).tolist()  # the one sync
+                tc = clock()
+                n_acc = host[0]
+                new = host[1 : n_acc + 2]
+                be.advance(n_acc + 1)
+                size = ds.shape.size
+                root = None
             else:
-                pos = draft.shape.depth.to(dev) + len(out)  # the output position each node samples
-                rows = noise.take(pos, len(out) + draft.shape.max_depth)
-                verdict = sample_verify(draft, logits, sampling, rows)
-            host = torch.cat([verdict.n_accepted.view(1), verdict.emitted]).tolist()  # the one sync
-            tc = clock()
-            n_acc = host[0]
-            new = host[1 : n_acc + 2]
-            be.commit(verdict.path, n_acc + 1)
-            if drafter is not None:
-                drafter.observe(draft, logits, new)
-            root = verdict.emitted[n_acc : n_acc + 1]
+                if draft is None:
+                    draft = Draft(root, self._root_shape)
+                sync()
+                tb = clock()
+                logits = be.verify(draft)
+                if sampling.greedy:
+                    verdict = greedy_verify(draft, logits)
+                else:
+                    pos = draft.shape.depth.to(dev) + len(out)  # the output position each node samples
+                    rows = noise.take(pos, len(out) + draft.shape.max_depth)
+                    verdict = sample_verify(draft, logits, sampling, rows)
+                host = torch.cat([verdict.n_accepted.view(1), verdict.emitted]).tolist()  # the one sync
+                tc = clock()
+                n_acc = host[0]
+                new = host[1 : n_acc + 2]
+                be.commit(verdict.path, n_acc + 1)
+                if drafter is not None:
+                    drafter.observe(draft, logits, new)
+                root = verdict.emitted[n_acc : n_acc + 1]
+                if on_device:
+                    be.set_root(root)
+                size = draft.size
 
             stats.steps += 1
             stats.tokens_per_step[len(new)] += 1
-            stats.draft_nodes += draft.size - 1
-            stats.draft_sizes[draft.size - 1] += 1
+            stats.draft_nodes += size - 1
+            stats.draft_sizes[size - 1] += 1
             # stop conditions: EOS inside the accepted run, the token limit
             for i, t in enumerate(new):
                 if t in self.eos_ids:

@@ -589,3 +589,65 @@ def test_partial_qkv_bias_falls_back_to_hf():
     model.model.layers[1].self_attn.k_proj.bias = None  # q/k/v are fused into one linear
     assert "bias" in unsupported_reason(model)
     assert isinstance(make_backend(model, prefer="auto"), HFBackend)
+
+
+# --------------------------------------------------------------------------- whole steps on the device
+def _flat_latency():
+    from freespec.backends.native import TREE_BUCKETS
+    from freespec.cost import LatencyModel
+
+    sizes = list(TREE_BUCKETS)
+    return LatencyModel(sizes, [0], [[1e-3] * len(sizes)], bucketed=True)  # verification costs nothing extra
+
+
+@pytest.mark.parametrize("template", ["tr8", "tr80", "auto"])
+def test_device_steps_match_the_generic_path(template):
+    """Backend.step (the code a CUDA graph captures, run eagerly here) takes exactly the steps
+    that propose / verify / commit / observe take: same tokens, same acceptance histogram,
+    same matrix and statistics afterwards, and both identical to plain decoding."""
+    model = make("llama-gqa-tied")
+    prompts = _prompts(3, length=30)
+    ref = [Engine(model, Tok(), drafter=None).generate(p, 48).tokens for p in prompts]
+    runs, drafters = {}, {}
+    for on_device in (False, True):
+        be = NativeBackend(model, device_steps=on_device)
+        assert be.captures_steps is on_device
+        eng = Engine(model, Tok(), drafter="recycling", backend=be, template=template, latency=_flat_latency())
+        runs[on_device] = [eng.generate(p, 48) for p in prompts]
+        drafters[on_device] = eng.drafter
+    for a, b, r in zip(runs[False], runs[True], ref):
+        assert a.tokens == b.tokens == r
+        assert a.stats.tokens_per_step == b.stats.tokens_per_step
+        assert a.stats.draft_sizes == b.stats.draft_sizes
+    assert sum(r.stats.mat for r in runs[True]) > 3.0  # drafts were accepted, not only plain steps
+    assert torch.equal(drafters[False].matrix, drafters[True].matrix)
+    if template == "auto":
+        assert torch.allclose(drafters[False].stats.tries, drafters[True].stats.tries)
+        assert torch.allclose(drafters[False].stats.hits, drafters[True].stats.hits)
+
+
+def test_device_steps_mixed_with_plain_steps_and_the_context_end():
+    """Steps the drafter declines (budget at the end of the context) go through verify/commit;
+    the root handed between the two paths stays right."""
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model, max_length=96, device_steps=True)
+    eng = Engine(model, Tok(), drafter="recycling", backend=be, template="tr16")
+    p = _prompts(1, length=30)[0]
+    res = eng.generate(p, 200)
+    assert res.finish_reason == "length" and len(res.tokens) == 96 - 30
+    assert res.tokens == Engine(model, Tok(), drafter=None).generate(p, 66).tokens
+    assert res.stats.draft_sizes[0] > 0 and res.stats.draft_sizes[16] > 0  # both kinds of step ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture of whole steps needs a CUDA device")
+def test_device_steps_captured_on_cuda():
+    model = make("llama-gqa-tied").cuda()
+    be = NativeBackend(model)
+    assert be.graphs and be.captures_steps
+    eng = Engine(model, Tok(), drafter="recycling", backend=be, template="tr16")
+    p = _prompts(1, length=30)[0]
+    a = eng.generate(p, 48)
+    b = eng.generate(p, 48)  # replays
+    ref = Engine(model, Tok(), drafter=None, backend=NativeBackend(model, graphs=False)).generate(p, 48).tokens
+    assert a.tokens == b.tokens == ref
+    assert be._steps

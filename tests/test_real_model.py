@@ -79,3 +79,21 @@ def test_seeded_sampling_identical_to_plain_sampling(engines):
         ref = plain.generate("Tell me a fun fact.", 48, chat=True, sampling=sp)
         assert tr_small.generate("Tell me a fun fact.", 48, chat=True, sampling=sp).tokens == ref.tokens
         assert tr_full.generate("Tell me a fun fact.", 48, chat=True, sampling=sp).tokens == ref.tokens
+
+
+def test_device_steps_identical_on_the_real_model(default_model):
+    """The whole-step path (what a CUDA graph captures, run eagerly on the CPU) on SmolLM2."""
+    from freespec.backends.native import NativeBackend
+
+    model, tok = default_model
+    plain = Engine(model, tok, drafter=None)
+    be = NativeBackend(model, device_steps=True)
+    tr = Engine(model, tok, drafter="recycling", template="tr16", backend=be)
+    mats = []
+    for text in PROMPTS[:4]:
+        ids = plain.encode(text, chat=True)
+        ref = plain.generate(ids, 48).tokens
+        got = tr.generate(ids, 48)
+        assert got.tokens == ref
+        mats.append(got.stats.mat)
+    assert max(mats) > 1.2

@@ -8,10 +8,29 @@ entries of the accepted path. Everything else (drafting, acceptance, streaming) 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 
-from ..tree import Draft
+from ..tree import Draft, TreeShape
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """A drafter's part of a step that runs entirely on the device (``Backend.step``).
+
+    ``fill(root)`` -> the draft's tokens [n] from the root token [1]; ``observe(tokens, logits,
+    verdict)`` updates the drafter from what the target computed. Both are tensor code with
+    static shapes and no host reads, so a backend may capture them, with the target's forward
+    and the verifier, in one CUDA graph. ``key`` names the plan: the same key must mean the
+    same shape and the same functions, since a captured step is replayed by key.
+    """
+
+    key: Hashable
+    shape: TreeShape
+    fill: Callable[[torch.Tensor], torch.Tensor]
+    observe: Callable[..., None]
 
 
 class Backend(ABC):
@@ -44,3 +63,15 @@ class Backend(ABC):
     @abstractmethod
     def commit(self, path: torch.Tensor, n_keep: int) -> None:
         """Keep the KV of draft nodes ``path[:n_keep]`` (root first), drop the rest of the draft."""
+
+    # Optional: whole greedy steps on the device (the native backend with CUDA graphs).
+    captures_steps = False
+
+    def set_root(self, root: torch.Tensor) -> None:  # pragma: no cover - only with captures_steps
+        raise NotImplementedError
+
+    def step(self, ds: DeviceStep) -> torch.Tensor:  # pragma: no cover - only with captures_steps
+        raise NotImplementedError
+
+    def advance(self, n_keep: int) -> None:  # pragma: no cover - only with captures_steps
+        raise NotImplementedError

@@ -219,7 +219,7 @@ def profile(model, tok, new: int, cache: int = 700) -> None:
 
     dev = model.device
     ids = torch.tensor(_prompt_ids(model, tok, cache), device=dev)
-    variants = {"compiled": {}, "eager-layers": {"compile": False}} if dev.type == "cuda" else {"eager": {}}
+    variants = {"default": {}}
     prompt = None
     for vname, kw in variants.items():
         be = NativeBackend(model, **kw)

@@ -37,11 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from ..tree import Draft
-from .base import Backend
+from ..verify import greedy_verify
+from .base import Backend, DeviceStep
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256)
 DEFAULT_MAX_LENGTH = 4096
+MAX_STEP_GRAPHS = 64  # whole-step graphs kept (oldest dropped first)
 
 
 class UnsupportedModelError(NotImplementedError):
@@ -319,7 +321,8 @@ class _TreeBufs:
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
-    out: torch.Tensor  # [nb, V] logits, written by every replay
+    out: torch.Tensor  # written by every replay: [nb, V] logits, or a step's [n_accepted, emitted...]
+    keep: tuple = ()  # tensors the graph reads that nothing else holds
 
 
 class NativeBackend(Backend):
@@ -344,6 +347,7 @@ class NativeBackend(Backend):
         kv_block: int = 512,
         prefill_chunk: int = 512,
         compile: bool | None = None,
+        device_steps: bool | None = None,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -373,6 +377,7 @@ class NativeBackend(Backend):
         self._max_bucket = tree_bucket(self.max_tree)
         self.kv_block = int(kv_block)
         self.prefill_chunk = int(prefill_chunk)
+        self._device_steps = device_steps
 
         # dimensions (checked against the weights)
         self.n_heads = int(cfg.num_attention_heads)
@@ -453,6 +458,8 @@ class NativeBackend(Backend):
             self._cpost = self._with_fallback(_compiled(_post_attn), _post_attn)
         self._bufs: dict[int, _TreeBufs] = {}
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._steps: dict[tuple, _Graph] = {}  # whole-step graphs by (plan, tree bucket, extent)
+        self._root = torch.zeros(1, dtype=torch.long, device=dev)  # the next step's root token
         self._pool = None
 
     # ------------------------------------------------------------------ state
@@ -598,24 +605,32 @@ class NativeBackend(Backend):
         """
         path = path.to(self.device).view(-1)
         p = path.shape[0]
-        L = self._len_t
-        src = path + L
-        dst = self._ar[:p] + L
-        self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
         if isinstance(n_keep, torch.Tensor):
-            self._len_t.add_(n_keep.to(device=self.device, dtype=torch.long).view(()))
+            self._commit_device(path, n_keep.to(device=self.device, dtype=torch.long).view(()))
             self._len = None
             self._len_hi += p
         else:
             n_keep = int(n_keep)
             if not 0 <= n_keep <= p:
                 raise ValueError(f"n_keep={n_keep} is outside [0, {p}]")
-            self._len_t.add_(n_keep)
-            if self._len is not None:
-                self._len += n_keep
-                self._len_hi = self._len
-            else:
-                self._len_hi += n_keep
+            self._commit_device(path, n_keep)
+            self._advance_host(n_keep)
+
+    def _commit_device(self, path: torch.Tensor, n_keep) -> None:
+        """The device half of ``commit`` (graph-capturable): move the path's KV, grow the length."""
+        L = self._len_t
+        src = path + L
+        dst = self._ar[: path.shape[0]] + L
+        self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+        self._len_t.add_(n_keep)
+
+    def _advance_host(self, n_keep: int) -> None:
+        """The host half of ``commit``: the host copies of the cache length."""
+        if self._len is not None:
+            self._len += n_keep
+            self._len_hi = self._len
+        else:
+            self._len_hi += n_keep
 
     # ------------------------------------------------------------------ CUDA graphs
     def _extent(self, nb: int) -> int:
@@ -683,4 +698,89 @@ class NativeBackend(Backend):
     def clear_graphs(self) -> None:
         """Drop captured graphs (e.g. to free their memory)."""
         self._graphs.clear()
+        self._steps.clear()
         self._pool = None
+
+    # ------------------------------------------------------------------ whole steps on the device
+    @property
+    def captures_steps(self) -> bool:
+        """Whether the engine should take greedy steps through :meth:`step` (on by default with
+        CUDA graphs, where it saves the per-step host work; ``device_steps=True`` runs the same
+        code eagerly, e.g. on the CPU for tests)."""
+        return self.graphs if self._device_steps is None else self._device_steps
+
+    def set_root(self, root: torch.Tensor) -> None:
+        """The token the next :meth:`step` drafts from (after prefill, or after a step taken
+        through ``verify``/``commit``)."""
+        self._root.copy_(root.view(1))
+
+    @torch.inference_mode()
+    def step(self, ds: DeviceStep) -> torch.Tensor:
+        """One greedy speculative step, all on the device: the drafter fills its tree from the
+        root buffer, the target scores it, the greedy walk picks the accepted path, its KV is
+        kept, the drafter observes the logits, and the bonus token becomes the next root.
+
+        Returns a device tensor ``[n_accepted, emitted...]`` (read it once: the one sync), then
+        call :meth:`advance` with ``n_accepted + 1``. On CUDA the step is captured per (drafter
+        plan, tree bucket, KV extent) the first time it runs (that run is eager and real) and
+        replayed afterwards; the same code runs eagerly without graphs.
+        """
+        self._check_weights()
+        shape = ds.shape
+        n = shape.size
+        if n > self.max_tree:
+            raise ValueError(f"a draft of {n} nodes exceeds max_tree={self.max_tree}")
+        if self._len_hi + n > self.max_length:
+            raise ValueError(f"cache {self._len_hi} + draft {n} exceeds max_length {self.max_length}")
+        nb = tree_bucket(n)
+        ext = self._extent(nb)
+        key = (ds.key, nb, ext)
+        g = self._steps.get(key)
+        if g is not None:
+            g.graph.replay()
+            return g.out
+        depth, anc = self._padded(shape, nb)
+        if not self.graphs:
+            return self._step_body(ds, nb, ext, depth, anc)
+        with torch.cuda.device(self.device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            cur = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # this step, eagerly: real work, and the warm-up
+                out = self._step_body(ds, nb, ext, depth, anc)
+            cur.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # Capturing records the kernels without running them: state is not touched twice.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                gout = self._step_body(ds, nb, ext, depth, anc)
+        if len(self._steps) >= MAX_STEP_GRAPHS:  # plans come and go (the cost model's choice)
+            self._steps.pop(next(iter(self._steps)))
+        self._steps[key] = _Graph(graph, gout, keep=(depth, anc))
+        return out
+
+    def advance(self, n_keep: int) -> None:
+        """After :meth:`step`: the host's copy of the cache length grows by ``n_keep``."""
+        self._advance_host(int(n_keep))
+
+    def _padded(self, shape, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shape's depth and ancestor matrix padded to the bucket (padding nodes: self only)."""
+        n = shape.size
+        depth = torch.zeros(nb, dtype=torch.long, device=self.device)
+        depth[:n].copy_(shape.depth)
+        anc = torch.eye(nb, dtype=torch.bool, device=self.device)
+        anc[:n, :n].copy_(shape.ancestors)
+        return depth, anc
+
+    def _step_body(self, ds: DeviceStep, nb: int, ext: int, depth, anc) -> torch.Tensor:
+        n = ds.shape.size
+        tokens = ds.fill(self._root)
+        tok = torch.zeros(nb, dtype=torch.long, device=self.device)
+        tok[:n].copy_(tokens)
+        logits = self._tree_forward(tok, depth, anc, nb, ext, static=True)[:n]
+        v = greedy_verify(Draft(tokens, ds.shape), logits)
+        self._commit_device(v.path, v.n_accepted + 1)
+        ds.observe(tokens, logits, v)
+        self._root.copy_(v.emitted.gather(0, v.n_accepted.view(1)))
+        return torch.cat([v.n_accepted.view(1), v.emitted])

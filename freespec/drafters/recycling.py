@@ -19,11 +19,13 @@ path matches them. They are saved with the matrix.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..backends.base import DeviceStep
 from ..cost import NodeStats, choose_size, order_nodes
 from ..tree import Draft, TreeShape, TreeTemplate, get_template, rank_prior
 from .base import DraftContext, Drafter
@@ -32,6 +34,7 @@ from .merge import HostTree, _subset
 AUTO = "auto"
 AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
 RECHOOSE = 8  # steps between two choices of the tree (and at each request's start)
+_SERIALS = itertools.count()  # unique names for drafters and plans (never reused, unlike id())
 
 
 class TokenRecycling(Drafter):
@@ -72,8 +75,9 @@ class TokenRecycling(Drafter):
         prior = [1.0] + [rank_prior(p) / rank_prior(p[:-1]) for p in t.paths]
         self.stats = NodeStats(prior, t.parents(), self.device)
         self._parent_idx = parents.clamp(min=0)
-        self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor]] = {}
-        self._plan: tuple[TreeShape, torch.Tensor] | None = None  # the chosen subset (None: plain)
+        self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor, int]] = {}
+        self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
+        self._serial = next(_SERIALS)  # names this drafter's captured steps (with the plan's serial)
         self._since = RECHOOSE  # steps since the last choice
         self._base: torch.Tensor | None = None  # the last full base tree's tokens
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
@@ -107,7 +111,8 @@ class TokenRecycling(Drafter):
             idx = [0, *key]
             where = {j: i for i, j in enumerate(idx)}
             par = [-1] + [where[int(self.stats.parents[j])] for j in key]
-            plan = (TreeShape.from_parents(par, self.device), torch.tensor(idx, dtype=torch.long, device=self.device))
+            plan = (TreeShape.from_parents(par, self.device), torch.tensor(idx, dtype=torch.long, device=self.device),
+                    next(_SERIALS))
             if len(self._plans) > 512:
                 self._plans.clear()
             self._plans[key] = plan
@@ -153,6 +158,13 @@ class TokenRecycling(Drafter):
             if ctx.budget < self.template.size:
                 return None
             return Draft(tokens, self.shape)
+        plan = self._next_plan(ctx)
+        if plan is None:
+            return None
+        return Draft(tokens.index_select(0, plan[1]), plan[0])
+
+    def _next_plan(self, ctx: DraftContext):
+        """The node subset for this step (re-chosen every RECHOOSE steps); None = plain."""
         if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > ctx.budget):
             self.choose(ctx.latency, ctx.budget)
             self._since = 0
@@ -160,9 +172,7 @@ class TokenRecycling(Drafter):
         plan = self._plan
         n = 0 if plan is None else plan[0].size - 1
         self.chosen_sizes[n] = self.chosen_sizes.get(n, 0) + 1
-        if plan is None:
-            return None
-        return Draft(tokens.index_select(0, plan[1]), plan[0])
+        return plan
 
     def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:
         self.update(draft.tokens, logits)
@@ -174,16 +184,49 @@ class TokenRecycling(Drafter):
         if base is None or not self.auto:
             return
         self._base = None
-        m = len(accepted)
         em = torch.tensor(accepted, dtype=torch.long).to(self.device, non_blocking=True)
+        self._count(base, em, torch.tensor(len(accepted) - 1, device=self.device))
+        self.stats.tick()
+
+    def _count(self, base: torch.Tensor, emitted: torch.Tensor, n_acc: torch.Tensor) -> None:
+        """Tensor code (graph-capturable): ``emitted[:n_acc + 1]`` are the step's tokens."""
         depth = self.shape.depth
-        known = depth <= m  # the target's token at this depth is known this step
-        match = (base == em[(depth - 1).clamp(0, m - 1)]) & known
+        known = depth <= n_acc + 1  # the target's token at this depth is known this step
+        match = (base == emitted[(depth - 1).clamp(min=0).minimum(n_acc)]) & known
         match[0] = True
         on_path = ~(self.shape.ancestors & ~match[None, :]).any(1)  # the whole path matches
         tried = on_path[self._parent_idx] & known
         tried[0] = False
-        self.stats.update(tried, on_path & tried)
+        self.stats.count(tried, on_path & tried)
+
+    # ------------------------------------------------------------------ whole steps on the device
+    def device_step(self, ctx: DraftContext) -> DeviceStep | None:
+        """This step as tensor code for ``Backend.step`` (one CUDA graph per plan), or None for
+        a plain step. The same fill / update / statistics as ``propose`` and ``observe``."""
+        if self.template.size == 0:
+            return None
+        if not self.auto:
+            if ctx.budget < self.template.size:
+                return None
+            return DeviceStep((self._serial, "full", self.template.name), self.shape, self.fill, self._observe_full)
+        plan = self._next_plan(ctx)
+        if plan is None:
+            return None
+        shape, idx, serial = plan
+        self.stats.tick()
+
+        def fill(root, idx=idx):
+            self._dev_base = base = self.fill(root)
+            return base.index_select(0, idx)
+
+        return DeviceStep((self._serial, "auto", serial), shape, fill, self._observe_auto)
+
+    def _observe_full(self, tokens, logits, verdict) -> None:
+        self.update(tokens, logits)
+
+    def _observe_auto(self, tokens, logits, verdict) -> None:
+        self.update(tokens, logits)
+        self._count(self._dev_base, verdict.emitted, verdict.n_accepted)
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Overwrite the rows of ``tokens`` with the top-k of their ``logits``."""
