@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..tree import Draft
 from ..verify import greedy_verify
@@ -43,6 +44,8 @@ from .base import Backend, DeviceStep
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256)
 DEFAULT_MAX_LENGTH = 4096
+_SDPA_KERNELS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "math": "MATH"}
 MAX_STEP_GRAPHS = 64  # whole-step graphs kept (oldest dropped first)
 
 
@@ -348,6 +351,7 @@ class NativeBackend(Backend):
         prefill_chunk: int = 512,
         compile: bool | None = None,
         device_steps: bool | None = None,
+        attention: str | None = None,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -378,6 +382,11 @@ class NativeBackend(Backend):
         self.kv_block = int(kv_block)
         self.prefill_chunk = int(prefill_chunk)
         self._device_steps = device_steps
+        # attention kernel: None = PyTorch's choice; "cudnn" | "efficient" | "flash" | "math"
+        if attention is not None and attention not in _SDPA_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(_SDPA_KERNELS)} (or None), got {attention!r}")
+        self.attention = attention
+        self._sdpa_kernels = None if attention is None else [getattr(SDPBackend, _SDPA_KERNELS[attention])]
 
         # dimensions (checked against the weights)
         self.n_heads = int(cfg.num_attention_heads)
@@ -533,9 +542,7 @@ class NativeBackend(Backend):
             kc, vc = kv[li, 0], kv[li, 1]  # [hkv, slots, d]
             kc.index_copy_(1, slots, k)
             vc.index_copy_(1, slots, v)
-            a = F.scaled_dot_product_attention(
-                q, kc[None, :, :ext], vc[None, :, :ext], attn_mask=bias, scale=self.scale
-            )
+            a = self._sdpa(q, kc[None, :, :ext], vc[None, :, :ext], bias)
             h, delta = post(h, a, w.wo, w.bo, w.ln2, w.wgu, w.bgu, w.wd, w.bd, eps)
         if keep is not None:
             if keep == 0:
@@ -543,6 +550,12 @@ class NativeBackend(Backend):
             h, delta = h[n - keep :], delta[n - keep :]
         h = _rms(h + delta, self._norm, eps)
         return F.linear(h, self._head, self._head_bias)
+
+    def _sdpa(self, q, k, v, bias):
+        if self._sdpa_kernels is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        with sdpa_kernel(self._sdpa_kernels):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
 
     def _tree_forward(self, tokens, depth, anc, nb: int, ext: int, static: bool = False):
         """Tree attention at the device-side cache length; static shapes for a given (nb, ext)."""

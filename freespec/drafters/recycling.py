@@ -34,6 +34,7 @@ from .merge import HostTree, _subset
 AUTO = "auto"
 AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
 RECHOOSE = 8  # steps between two choices of the tree (and at each request's start)
+HYSTERESIS = 0.02  # a new plan must promise this much more speed than the current one
 _SERIALS = itertools.count()  # unique names for drafters and plans (never reused, unlike id())
 
 
@@ -79,6 +80,7 @@ class TokenRecycling(Drafter):
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
         self._serial = next(_SERIALS)  # names this drafter's captured steps (with the plan's serial)
         self._since = RECHOOSE  # steps since the last choice
+        self._plan_key: tuple[int, ...] | None = None  # base nodes of the current plan (() = plain)
         self._base: torch.Tensor | None = None  # the last full base tree's tokens
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
         self.chosen_sizes: dict[int, int] = {}  # draft nodes -> steps (for reports)
@@ -102,10 +104,20 @@ class TokenRecycling(Drafter):
             order = order_nodes(p, self.stats.parents)
             self._ranked = (p, order)
             k = choose_size(p[order], curve, max_nodes=min(budget, n_base))
+            # Hysteresis: keep the current plan unless the new one is predicted clearly faster
+            # (each new plan costs a CUDA graph capture; estimates wobble from step to step).
+            cur = self._plan_key
+            if cur is not None and len(cur) <= min(budget, n_base):
+                def rate(nodes):
+                    return (1.0 + float(p[list(nodes)].sum())) / curve[len(nodes) + 1]
+
+                if rate(order[:k]) < rate(cur) * (1.0 + HYSTERESIS):
+                    return len(cur)
         if k == 0:
-            self._plan = None
+            self._plan, self._plan_key = None, ()
             return 0
         key = tuple(sorted(int(i) for i in order[:k]))
+        self._plan_key = key
         plan = self._plans.get(key)
         if plan is None:
             idx = [0, *key]
