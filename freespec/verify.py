@@ -94,12 +94,14 @@ def walk(draft: Draft, target: torch.Tensor, dedupe: bool = False) -> Verdict:
         ok &= ~(same & earlier).any(1)
     accepted = ~(shape.ancestors & ~ok[None, :]).any(1)
     score = torch.where(accepted, shape.depth, -1)
-    best = score.argmax()
-    depth = shape.depth[best]
-    path = shape.paths[best]
+    # index_select with a [1] index, never t[0-d tensor]: PyTorch reads a 0-d index back to the
+    # host (.item()), a hidden sync per step that also breaks CUDA graph capture
+    best = score.argmax().view(1)
+    depth = shape.depth.index_select(0, best)
+    path = shape.paths.index_select(0, best).view(-1)
     emitted = tok[path].roll(-1)  # tokens along the path, shifted: emitted[j] = token at depth j+1
-    emitted = emitted.scatter(0, depth.view(1), target[best].view(1))
-    return Verdict(n_accepted=depth, path=path, emitted=emitted)
+    emitted = emitted.scatter(0, depth, target.index_select(0, best))
+    return Verdict(n_accepted=depth.view(()), path=path, emitted=emitted)
 
 
 def greedy_verify(draft: Draft, logits: torch.Tensor) -> Verdict:

@@ -651,3 +651,56 @@ def test_device_steps_captured_on_cuda():
     ref = Engine(model, Tok(), drafter=None, backend=NativeBackend(model, graphs=False)).generate(p, 48).tokens
     assert a.tokens == b.tokens == ref
     assert be._steps
+
+
+class _NoHostReads:
+    """A dispatch mode that fails on every op that reads device data back to the host (what
+    breaks CUDA graph capture and costs a sync): .item(), nonzero, boolean masks, ..."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+               "repeat_interleave", "equal", "is_nonzero")
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        syncing = self.SYNCING
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in syncing:
+                    raise AssertionError(f"host read in a device step: aten.{func.overloadpacket.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        return self._mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("template", ["tr16", "auto"])
+def test_device_step_reads_nothing_back(template):
+    """Everything ``Backend.step`` runs (drafter fill and update, forward, walk, KV compaction)
+    must be capturable: no op in it may read device data back to the host."""
+    from freespec.drafters import make_drafter
+    from freespec.drafters.base import DraftContext
+
+    model = make("llama-gqa-tied")
+    be = NativeBackend(model, device_steps=True, graphs=False)
+    be.bucketed = True
+    dr = make_drafter("recycling", vocab_size=be.vocab_size, device=be.device, template=template)
+    be.reset()
+    ids = rand_ids(20)
+    root = be.prefill(ids).argmax(-1).view(1)
+    be.set_root(root)
+    for _ in range(3):
+        ds = dr.device_step(DraftContext(tokens=ids.tolist(), root=root, prompt_len=20, budget=200,
+                                         latency=_flat_latency().curve(be.cache_len)))
+        assert ds is not None
+        # undecorated, under no_grad: inference-mode tensors bypass Python dispatch modes
+        with torch.no_grad(), _NoHostReads():
+            out = NativeBackend.step.__wrapped__(be, ds)
+        n_acc = int(out[0])
+        be.advance(n_acc + 1)
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        torch.tensor([1, 2]).nonzero()  # the guard itself works
