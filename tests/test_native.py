@@ -658,7 +658,8 @@ class _NoHostReads:
     breaks CUDA graph capture and costs a sync): .item(), nonzero, boolean masks, ..."""
 
     SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-               "repeat_interleave", "equal", "is_nonzero")
+               "repeat_interleave", "equal", "is_nonzero",
+               "lift_fresh")  # t[i] = <Python scalar>: a host tensor copied to the device
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode

@@ -205,10 +205,10 @@ class TokenRecycling(Drafter):
         depth = self.shape.depth
         known = depth <= n_acc + 1  # the target's token at this depth is known this step
         match = (base == emitted[(depth - 1).clamp(min=0).minimum(n_acc)]) & known
-        match[0] = True
+        match[:1].fill_(True)  # (not match[0] = True: a Python scalar store is a host->device copy)
         on_path = ~(self.shape.ancestors & ~match[None, :]).any(1)  # the whole path matches
         tried = on_path[self._parent_idx] & known
-        tried[0] = False
+        tried[:1].fill_(False)
         self.stats.count(tried, on_path & tried)
 
     # ------------------------------------------------------------------ whole steps on the device
