@@ -425,3 +425,22 @@ def test_regroup_spec_bench_folds_mt_bench_categories():
     assert regroup(qs, "category") == qs
     with pytest.raises(DatasetError, match="grouping"):
         regroup(qs, "bogus")
+
+
+def test_decode_only_speedup_leaves_prefill_out():
+    """A one-time prefill cost that falls on one method (the first to meet a prompt) moves the
+    wall-clock speedup but not the decode-only one."""
+    def rec(method, secs, prefill):
+        r = _rec("q", "a", method, 100, secs, {1: 100} if method == "plain" else {2: 50})
+        r["stats"] = {"time_prefill": prefill}
+        return r
+
+    recs = [rec("plain", 12.0, 2.0), rec("recycling", 5.5, 0.5), _rec("q", "a", "hf-greedy", 100, 8.0)]
+    o = report.summarize(recs)["overall"]
+    assert o["recycling"]["speedup"] == pytest.approx(12.0 / 5.5)
+    assert o["plain"]["decode_tok_s"] == pytest.approx(100 / 10.0)
+    assert o["recycling"]["decode_tok_s"] == pytest.approx(100 / 5.0)
+    assert o["recycling"]["decode_speedup"] == pytest.approx(2.0)
+    assert o["hf-greedy"]["decode_tok_s"] is None and o["hf-greedy"]["decode_speedup"] is None
+    md = report.render_markdown(report.summarize(recs))
+    assert "Decode-only speedup over plain" in md and "2.00x" in md

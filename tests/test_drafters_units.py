@@ -11,8 +11,9 @@ from freespec.drafters.suffix import SuffixDrafter, SuffixIndex, build_tree
 from freespec.tree import TreeShape
 
 
-def _ctx(tokens, budget=1000):
-    return DraftContext(tokens=list(tokens), root=torch.tensor([tokens[-1]]), prompt_len=1, budget=budget)
+def _ctx(tokens, budget=1000, latency=None):
+    return DraftContext(tokens=list(tokens), root=torch.tensor([tokens[-1]]), prompt_len=1, budget=budget,
+                        latency=latency)
 
 
 # ------------------------------------------------------------------------- merge_trees
@@ -207,3 +208,21 @@ def test_registry_names_and_errors():
     with pytest.raises(ValueError, match="mode"):
         make_drafter("hybrid", vocab_size=10, device="cpu", mode="both")
     assert make_drafter("none", vocab_size=10, device="cpu") is None
+
+
+def test_lookup_is_sized_by_the_cost_model():
+    """With a latency curve, prompt lookup drafts only what pays: nothing where verification
+    is expensive, the whole chain where it costs nothing extra; auto_size=False always drafts."""
+    import numpy as np
+
+    toks = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7]
+    steep = np.concatenate(([np.inf], 1.0 + 10.0 * np.arange(64)))  # each node costs 10x a plain step
+    flat = np.concatenate(([np.inf], np.ones(64)))
+    lk = PromptLookup(max_ngram=3, num_pred=4)
+    assert lk.wants_latency
+    assert lk.propose(_ctx(toks, latency=steep)) is None
+    d = lk.propose(_ctx(toks, latency=flat))
+    assert d is not None and d.tokens.tolist() == [7, 8, 9, 10, 11]
+    off = PromptLookup(max_ngram=3, num_pred=4, auto_size=False)
+    assert not off.wants_latency
+    assert off.propose(_ctx(toks, latency=steep)).tokens.tolist() == [7, 8, 9, 10, 11]

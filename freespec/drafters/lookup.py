@@ -17,6 +17,7 @@ import torch
 
 from .base import DraftContext, Drafter
 from .merge import HostTree, merge_trees, to_draft
+from .sizing import TreeSizer, size_tree
 
 
 class Retrieval:
@@ -44,6 +45,9 @@ class PromptLookup(Drafter):
         first, then shorter n-grams); they share common prefixes.
       max_nodes (None): cap on draft nodes (default ``branches * num_pred``); the engine's
         budget caps it too.
+      auto_size (True): cut each draft by the cost model (the engine's measured latency curve
+        and the node scores calibrated online against what the target accepted), possibly to
+        nothing (a plain step); False drafts the whole chain every time.
     """
 
     name = "lookup"
@@ -57,6 +61,7 @@ class PromptLookup(Drafter):
         num_pred: int = 10,
         branches: int = 1,
         max_nodes: int | None = None,
+        auto_size: bool = True,
     ):
         if not 1 <= int(min_ngram) <= int(max_ngram):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
@@ -69,6 +74,8 @@ class PromptLookup(Drafter):
         self.num_pred = int(num_pred)
         self.branches = int(branches)
         self.max_nodes = int(max_nodes) if max_nodes is not None else self.branches * self.num_pred
+        self.auto_size = bool(auto_size)
+        self.sizer = TreeSizer()
         self.begin([])
 
     # ------------------------------------------------------------------ index
@@ -140,9 +147,23 @@ class PromptLookup(Drafter):
         tree = trees[0] if len(trees) == 1 else merge_trees(trees, limit)
         return Retrieval(tree, float(len(conts[0][:limit])), n)
 
+    @property
+    def wants_latency(self) -> bool:  # type: ignore[override]
+        return self.auto_size
+
     def propose(self, ctx: DraftContext):
         r = self.retrieve(ctx)
-        return None if r is None else to_draft(r.tree, ctx.root.device)
+        if r is None:
+            return None
+        tree = r.tree
+        if self.auto_size and ctx.latency is not None:
+            tree = size_tree(self.sizer.calibrated(tree), ctx.latency, ctx.budget)
+            if tree is None:
+                return None
+        return to_draft(tree, ctx.root.device)
+
+    def observe(self, draft, logits, accepted: list[int]) -> None:
+        self.sizer.learn(accepted)
 
     def end(self, tokens: list[int]) -> None:
         self.begin([])
