@@ -32,8 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_draft_args(p: argparse.ArgumentParser) -> None:
     from .drafters import DRAFTERS
 
-    p.add_argument("--drafter", default="recycling", choices=sorted(DRAFTERS),
-                   help="draft method; 'none' = plain decoding through the same engine")
+    p.add_argument("--drafter", default="auto", choices=["auto"] + sorted(DRAFTERS),
+                   help="draft method; 'auto' (default): the measured best for the device (recycling on "
+                        "CUDA, hybrid on a CPU); 'none' = plain decoding through the same engine")
     p.add_argument("--tree", default="auto",
                    help="draft tree: 'auto' (default: sized each step by the cost model from this device's "
                         "measured verify latency and learnt acceptance rates; may draft nothing where "
@@ -47,7 +48,7 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
 def load_engine(args, drafter=None):
     """Model, tokenizer and an Engine as the arguments ask."""
     from .backends import make_backend
-    from .drafters import DRAFTERS, DraftModelError, make_drafter
+    from .drafters import DRAFTERS, DraftModelError, default_drafter, make_drafter
     from .engine import Engine
     from .models import check_pair, load
 
@@ -57,7 +58,9 @@ def load_engine(args, drafter=None):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model, tok = load(args.model, dtype=dtype, device=device)
     backend = make_backend(model, prefer=args.backend)
-    name = getattr(args, "drafter", "recycling") if drafter is None else drafter
+    name = getattr(args, "drafter", "auto") if drafter is None else drafter
+    if name == "auto":
+        name = default_drafter(backend.device)
     tree = getattr(args, "tree", None) or "auto"
     if name in DRAFTERS and getattr(DRAFTERS[name], "needs_draft_model", False):
         draft_spec = getattr(args, "draft_model", None) or _default_draft(args.model)

@@ -413,6 +413,9 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
             if len(table) == 0 and n > 1 and row[-1] > stop_ratio * row[0]:
                 measured = measured[: len(row)]
                 break
+        # A tree never costs less than a smaller one: a size measured slower than a bigger one
+        # was disturbed (another process, a descheduled thread), so cap it by the bigger one's.
+        row = np.minimum.accumulate(np.asarray(row)[::-1])[::-1].tolist()
         table.append(row)
     backend.reset()
     k = min(len(r) for r in table)

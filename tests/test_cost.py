@@ -211,3 +211,16 @@ def test_calibrate_measures_and_caches(tmp_path):
     assert b.meta["when"] == a.meta["when"] and b.to_dict() == a.to_dict()
     c = load_or_calibrate(model, be, home=tmp_path, force=True)
     assert c.meta["key"] == a.meta["key"]
+
+
+def test_calibration_is_monotone_in_tree_size(monkeypatch):
+    """A step measured slower than a bigger one (a disturbance) is capped by the bigger one."""
+    from freespec import cost
+    from freespec.backends.native import NativeBackend
+
+    model = tiny_model("llama", seed=1)
+    be = NativeBackend(model, max_length=256)
+    fake = iter([5.0, 1.0, 2.0, 3.0] * 100)  # the 1-node step looks slowest
+    monkeypatch.setattr(cost.np, "median", lambda ts: next(fake))
+    lm = calibrate(be, sizes=[1, 2, 4, 8], cache_lens=[16], repeats=1, stop_ratio=math.inf)
+    assert lm.seconds[0] == [1.0, 1.0, 2.0, 3.0]

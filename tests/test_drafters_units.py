@@ -226,3 +226,14 @@ def test_lookup_is_sized_by_the_cost_model():
     off = PromptLookup(max_ngram=3, num_pred=4, auto_size=False)
     assert not off.wants_latency
     assert off.propose(_ctx(toks, latency=steep)).tokens.tolist() == [7, 8, 9, 10, 11]
+
+
+def test_default_drafter_by_device_and_cli_default():
+    from freespec.cli import build_parser
+    from freespec.drafters import DRAFTERS, default_drafter
+
+    assert default_drafter("cuda") == "recycling"
+    assert default_drafter("cpu") == "hybrid"
+    assert all(default_drafter(d) in DRAFTERS for d in ("cpu", "cuda"))
+    args = build_parser().parse_args(["generate", "hi"])
+    assert args.drafter == "auto" and args.tree == "auto"

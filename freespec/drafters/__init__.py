@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from .base import DraftContext, Drafter
 from .draft_model import DraftModelDrafter, DraftModelError
 from .fused import FusedDrafter
@@ -22,6 +24,22 @@ DRAFTERS = {
     "draft-model": DraftModelDrafter,
     "fused": FusedDrafter,
 }
+
+
+AUTO = "auto"
+
+
+def default_drafter(device) -> str:
+    """The drafter ``--drafter auto`` (the CLI's default) picks for a device, by measurement
+    (docs/benchmarks.md, Spec-Bench, greedy, every drafter sized by the cost model):
+
+    * CUDA (H100, Qwen2.5-Coder-1.5B bf16): Token Recycling, whose whole step runs as one CUDA
+      graph (2.07-2.22x over plain, decode only); the retrieval drafters build their trees on
+      the host, which costs more than they save there (hybrid 1.48x, lookup 1.93x).
+    * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
+      tree), 1.41x over plain, every category >= 1.27x; Token Recycling alone 1.23x.
+    """
+    return "recycling" if torch.device(device).type == "cuda" else "hybrid"
 
 
 def _takes(cls, param: str) -> bool:
@@ -67,5 +85,6 @@ __all__ = [
     "HostTree",
     "merge_trees",
     "make_drafter",
+    "default_drafter",
     "DRAFTERS",
 ]
