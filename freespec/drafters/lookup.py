@@ -17,7 +17,7 @@ import torch
 
 from .base import DraftContext, Drafter
 from .merge import HostTree, merge_trees, to_draft
-from .sizing import TreeSizer, size_tree
+from .sizing import TreeSizer
 
 
 class Retrieval:
@@ -155,12 +155,8 @@ class PromptLookup(Drafter):
         r = self.retrieve(ctx)
         if r is None:
             return None
-        tree = r.tree
-        if self.auto_size and ctx.latency is not None:
-            tree = size_tree(self.sizer.calibrated(tree), ctx.latency, ctx.budget)
-            if tree is None:
-                return None
-        return to_draft(tree, ctx.root.device)
+        tree = self.sizer.cut(r.tree, ctx) if self.auto_size else r.tree
+        return None if tree is None else to_draft(tree, ctx.root.device)
 
     def observe(self, draft, logits, accepted: list[int]) -> None:
         self.sizer.learn(accepted)

@@ -41,6 +41,13 @@ class TreeSizer:
         s = self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
         return HostTree(tree.tokens, tree.parents, [1.0, *s.tolist()])
 
+    def cut(self, tree: HostTree, ctx) -> HostTree | None:
+        """``tree`` cut to what pays at ``ctx``'s latency curve (None: a plain step); the tree
+        as it is when there is no curve."""
+        if ctx.latency is None:
+            return tree
+        return size_tree(self.calibrated(tree), ctx.latency, ctx.budget)
+
     def learn(self, accepted: list[int]) -> None:
         """Which of the last tree's nodes the target took (drafted or cut) -> calibration."""
         t, self._last = self._last, None

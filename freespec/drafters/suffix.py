@@ -33,7 +33,7 @@ import torch
 from .base import DraftContext, Drafter
 from .lookup import Retrieval
 from .merge import HostTree, to_draft
-from .sizing import TreeSizer, size_tree
+from .sizing import TreeSizer
 
 SEP = -1  # between sequences in a store's buffer; never a token, so matches stop at it
 
@@ -383,12 +383,8 @@ class SuffixDrafter(Drafter):
         r = self.retrieve(ctx)
         if r is None:
             return None
-        tree = r.tree
-        if self.auto_size and ctx.latency is not None:
-            tree = size_tree(self.sizer.calibrated(tree), ctx.latency, ctx.budget)
-            if tree is None:
-                return None
-        return to_draft(tree, ctx.root.device)
+        tree = self.sizer.cut(r.tree, ctx) if self.auto_size else r.tree
+        return None if tree is None else to_draft(tree, ctx.root.device)
 
     def observe(self, draft, logits, accepted: list[int]) -> None:
         self.sizer.learn(accepted)
