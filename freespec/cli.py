@@ -210,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="plain decoding vs Token Recycling on the built-in prompts")
+    d = sub.add_parser("demo", help="plain decoding vs speculative decoding on the built-in prompts")
     _add_model_args(d)
+    d.add_argument("--drafter", default="auto", choices=["auto", "recycling", "lookup", "suffix", "hybrid"],
+                   help="'auto' (default): the measured best for the device (recycling on CUDA, hybrid on a CPU)")
     d.add_argument("--tree", default="auto", help="draft tree: 'auto' (cost model, default), a template name, or N")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--prompts", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")

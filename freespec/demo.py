@@ -1,4 +1,8 @@
-"""``freespec demo``: plain decoding vs Token Recycling on the built-in prompts, side by side."""
+"""``freespec demo``: plain decoding vs speculative decoding on the built-in prompts, side by side.
+
+The drafter is the device's default (``--drafter auto``: Token Recycling on CUDA, hybrid on a
+CPU) unless ``--drafter`` names one.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def run_demo(args) -> int:
     if args.limit:
         questions = questions[: args.limit]
     print(f"loading {args.model} ...", file=sys.stderr)
-    tr = load_engine(args, drafter="recycling")
+    tr = load_engine(args)
     plain = Engine(tr.model, tr.tokenizer, drafter=None, backend=tr.backend)
     dev = tr.backend.device
     print(
@@ -28,7 +32,8 @@ def run_demo(args) -> int:
         f"tree {_tree_desc(tr.drafter)} | {args.max_new_tokens} new tokens per turn",
         file=sys.stderr,
     )
-    # warm-up: one short run of each (the Token Recycling matrix stays warm afterwards, as published)
+    # warm-up: one short run of each (drafter state - the Token Recycling matrix, retrieval
+    # history - stays warm afterwards, as published)
     for eng in (plain, tr):
         run_question(eng, questions[0], 16)
 
@@ -66,12 +71,12 @@ def _tree_desc(drafter) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"| {'prompt':<10} | {'category':<13} | {'tokens':>6} | {'plain tok/s':>11} | {'TR tok/s':>8} | {'speedup':>7} | {'MAT':>5} | identical |"
+    head = f"| {'prompt':<10} | {'category':<13} | {'tokens':>6} | {'plain tok/s':>11} | {'spec tok/s':>10} | {'speedup':>7} | {'MAT':>5} | identical |"
     sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
     lines = [head, sep]
     for r in rows:
         lines.append(
-            f"| {r['id']:<10} | {r['category']:<13} | {r['tokens']:>6} | {r['plain_tps']:>11.1f} | {r['tr_tps']:>8.1f} | "
+            f"| {r['id']:<10} | {r['category']:<13} | {r['tokens']:>6} | {r['plain_tps']:>11.1f} | {r['tr_tps']:>10.1f} | "
             f"{r['tr_tps'] / r['plain_tps'] if r['plain_tps'] else 0:>6.2f}x | {r['mat']:>5.2f} | {'yes' if r['identical'] else 'NO':<9} |"
         )
     tok = sum(r["tokens"] for r in rows)
@@ -80,6 +85,6 @@ def format_table(rows: list[dict]) -> str:
     mat = sum(r["mat"] for r in rows) / len(rows)
     same = sum(r["identical"] for r in rows)
     lines.append(
-        f"| {'overall':<10} | {'':<13} | {tok:>6} | {tp:>11.1f} | {tt:>8.1f} | {tt / tp:>6.2f}x | {mat:>5.2f} | {same}/{len(rows):<7} |"
+        f"| {'overall':<10} | {'':<13} | {tok:>6} | {tp:>11.1f} | {tt:>10.1f} | {tt / tp:>6.2f}x | {mat:>5.2f} | {same}/{len(rows):<7} |"
     )
     return "\n".join(lines)
