@@ -265,13 +265,14 @@ class Engine:
             draft = ds = None
             if drafter is not None:
                 curve = None if lat is None else lat.curve(be.cache_len)
-                if root is None:  # after a device step the root lives in the backend
-                    root = torch.tensor([tokens[-1]], dtype=torch.long, device=dev)
                 ctx = DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
                 if on_device:
-                    ds = drafter.device_step(ctx)
-                if ds is None:
-                    draft = drafter.propose(ctx)
+                    ds = drafter.device_step(ctx)  # ctx.root may be None: the backend holds it
+            if ds is None and root is None:  # a host step after a device step: the root, from the host
+                root = torch.tensor([tokens[-1]], dtype=torch.long, device=dev)
+            if ds is None and drafter is not None:
+                ctx.root = root
+                draft = drafter.propose(ctx)
             if ds is not None:
                 sync()
                 tb = clock()

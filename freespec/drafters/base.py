@@ -18,7 +18,9 @@ class DraftContext:
     """What a drafter may look at when proposing."""
 
     tokens: list[int]  # prompt + output so far; tokens[-1] is the root (not yet in the KV cache)
-    root: torch.Tensor  # [1] int64 on the model's device: tokens[-1], without a host round trip
+    # [1] int64 on the model's device: tokens[-1], without a host round trip (None only when
+    # offered to ``device_step`` right after a device step: the backend holds the root then)
+    root: torch.Tensor | None
     prompt_len: int
     budget: int  # most draft nodes (root excluded) the engine can take this step
     # seconds per step by tree size at this cache length (``LatencyModel.curve``), for

@@ -214,7 +214,8 @@ class TokenRecycling(Drafter):
     # ------------------------------------------------------------------ whole steps on the device
     def device_step(self, ctx: DraftContext) -> DeviceStep | None:
         """This step as tensor code for ``Backend.step`` (one CUDA graph per plan), or None for
-        a plain step. The same fill / update / statistics as ``propose`` and ``observe``."""
+        a plain step. The same fill / update / statistics as ``propose`` and ``observe``.
+        ``ctx.root`` is not read (it may be None): the backend holds the root on the device."""
         if self.template.size == 0:
             return None
         if not self.auto:
