@@ -781,7 +781,9 @@ class NativeBackend(Backend):
                 gout = self._step_body(ds, nb, ext, depth, anc)
         if len(self._steps) >= MAX_STEP_GRAPHS:  # plans come and go (the cost model's choice)
             self._steps.pop(next(iter(self._steps)))
-        self._steps[key] = _Graph(graph, gout, keep=(depth, anc))
+        # the graph reads the plan's tensors (shape, node indices, held by ``ds``) at every
+        # replay: keep them alive as long as the graph, whatever the drafter's caches drop
+        self._steps[key] = _Graph(graph, gout, keep=(depth, anc, ds))
         return out
 
     def advance(self, n_keep: int) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .base import DraftContext, Drafter
-from .merge import HostTree, merge_trees, to_draft
-from .sizing import TreeSizer
+from .merge import HostTree, merge_trees
+from .sizing import SizedRetrieval, TreeSizer
 
 
 class Retrieval:
@@ -34,7 +34,7 @@ class Retrieval:
         return f"Retrieval(nodes={self.tree.size - 1}, score={self.score:.2f}, match_len={self.match_len})"
 
 
-class PromptLookup(Drafter):
+class PromptLookup(SizedRetrieval, Drafter):
     """Prompt lookup decoding over the prompt and the output so far.
 
     Knobs:
@@ -147,19 +147,6 @@ class PromptLookup(Drafter):
         tree = trees[0] if len(trees) == 1 else merge_trees(trees, limit)
         return Retrieval(tree, float(len(conts[0][:limit])), n)
 
-    @property
-    def wants_latency(self) -> bool:  # type: ignore[override]
-        return self.auto_size
-
-    def propose(self, ctx: DraftContext):
-        r = self.retrieve(ctx)
-        if r is None:
-            return None
-        tree = self.sizer.cut(r.tree, ctx) if self.auto_size else r.tree
-        return None if tree is None else to_draft(tree, ctx.root.device)
-
-    def observe(self, draft, logits, accepted: list[int]) -> None:
-        self.sizer.learn(accepted)
 
     def end(self, tokens: list[int]) -> None:
         self.begin([])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cost import ScoreCalibrator, accepted_nodes, choose_size, order_nodes
-from .merge import HostTree, _subset
+from .merge import HostTree, _subset, to_draft
 
 
 def size_tree(tree: HostTree, curve: np.ndarray, budget: int) -> HostTree | None:
@@ -55,3 +55,25 @@ class TreeSizer:
             return
         ok = accepted_nodes(t.tokens, t.parents, accepted)
         self.cal.update(t.scores[1:], ok[1:])
+
+
+class SizedRetrieval:
+    """Drafter methods for retrieval drafters (``retrieve(ctx)``, ``auto_size``, ``sizer``):
+    propose the retrieved tree cut by the cost model, and learn from what was accepted."""
+
+    auto_size: bool
+    sizer: TreeSizer
+
+    @property
+    def wants_latency(self) -> bool:
+        return self.auto_size
+
+    def propose(self, ctx):
+        r = self.retrieve(ctx)
+        if r is None:
+            return None
+        tree = self.sizer.cut(r.tree, ctx) if self.auto_size else r.tree
+        return None if tree is None else to_draft(tree, ctx.root.device)
+
+    def observe(self, draft, logits, accepted: list[int]) -> None:
+        self.sizer.learn(accepted)

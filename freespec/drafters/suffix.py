@@ -32,8 +32,8 @@ import torch
 
 from .base import DraftContext, Drafter
 from .lookup import Retrieval
-from .merge import HostTree, to_draft
-from .sizing import TreeSizer
+from .merge import HostTree
+from .sizing import SizedRetrieval, TreeSizer
 
 SEP = -1  # between sequences in a store's buffer; never a token, so matches stop at it
 
@@ -261,7 +261,7 @@ def build_tree(
     return HostTree(tokens, parents, scores), score
 
 
-class SuffixDrafter(Drafter):
+class SuffixDrafter(SizedRetrieval, Drafter):
     """Suffix decoding over the current request and a bounded store of earlier requests.
 
     Knobs:
@@ -375,16 +375,3 @@ class SuffixDrafter(Drafter):
         self.last = best
         return best
 
-    @property
-    def wants_latency(self) -> bool:  # type: ignore[override]
-        return self.auto_size
-
-    def propose(self, ctx: DraftContext):
-        r = self.retrieve(ctx)
-        if r is None:
-            return None
-        tree = self.sizer.cut(r.tree, ctx) if self.auto_size else r.tree
-        return None if tree is None else to_draft(tree, ctx.root.device)
-
-    def observe(self, draft, logits, accepted: list[int]) -> None:
-        self.sizer.learn(accepted)
