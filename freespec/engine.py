@@ -281,6 +281,8 @@ class Engine:
                 n_acc = host[0]
                 new = host[1 : n_acc + 2]
                 be.advance(n_acc + 1)
+                if ds.done is not None:
+                    ds.done(new)
                 size = ds.shape.size
                 root = None
             else:

@@ -113,6 +113,83 @@ class Draft:
         return self.shape.size
 
 
+class AttachBuffer:
+    """A fixed base tree with up to ``slots`` extra nodes hung under its root, rewritten in
+    place every step (:meth:`load`): a CUDA graph captured over ``shape`` and ``tokens``
+    replays over whatever tree was loaded last, so retrieval trees, which change shape from
+    step to step, ride on a captured step without a capture per shape.
+
+    ``shape``: a TreeShape of ``base.size + slots`` nodes whose tensors are device buffers
+    (``parents_list`` and ``max_depth`` describe the placeholder it was built from: read the
+    structure from the tensors); ``tokens``: the extra nodes' tokens [slots]. A tree with
+    fewer than ``slots`` nodes is padded by repeating its last node (same parent, same token:
+    the target computes the same thing there, so nothing downstream can tell the copies apart).
+    Loading is two host->device copies, asynchronous from pinned memory on CUDA.
+    """
+
+    def __init__(self, base: TreeShape, slots: int, device: torch.device | str):
+        device = torch.device(device)
+        P, m = base.size, int(slots)
+        if m < 1:
+            raise TreeError("an attach buffer needs at least one slot")
+        n = P + m
+        self.base_size, self.slots = P, m
+        self.max_depth = D = max(base.max_depth, m)
+        # placeholder: the base, then a chain of the extra nodes (the deepest a tree of m can be)
+        placeholder = TreeShape.from_parents(list(base.parents_list) + [0] + list(range(P, n - 1)))
+        pin = device.type == "cuda"
+        # one int64 block (parents | depth | paths | tokens) and one bool block (ancestors)
+        self._host = torch.zeros(2 * n + n * (D + 1) + m, dtype=torch.long, pin_memory=pin)
+        self._host_anc = torch.zeros(n, n, dtype=torch.bool, pin_memory=pin)
+        h = self._views(self._host, n, D, m)
+        h[0].copy_(placeholder.parents)
+        h[1].copy_(placeholder.depth)
+        h[2].copy_(placeholder.paths)
+        self._host_anc.copy_(placeholder.ancestors)
+        self._h = tuple(t.numpy() for t in h)
+        self._anc_np = self._host_anc.numpy()
+        self._dev = self._host.to(device)
+        self._dev_anc = self._host_anc.to(device)
+        parents, depth, paths, self.tokens = self._views(self._dev, n, D, m)
+        self.shape = TreeShape(parents=parents, depth=depth, ancestors=self._dev_anc, paths=paths,
+                               max_depth=D, parents_list=placeholder.parents_list)
+        self.loaded = 0  # real nodes in the last load (the rest are copies)
+
+    @staticmethod
+    def _views(block: torch.Tensor, n: int, D: int, m: int):
+        a, b, c = n, 2 * n, 2 * n + n * (D + 1)
+        return block[:a], block[a:b], block[b:c].view(n, D + 1), block[c : c + m]
+
+    def load(self, tokens: Sequence[int], parents: Sequence[int]) -> None:
+        """The extra tree: ``tokens[j]``'s parent is ``parents[j]``, an index into ``tokens``
+        (earlier) or -1 for the base's root. 1 to ``slots`` nodes."""
+        k = len(tokens)
+        if not 1 <= k <= self.slots or len(parents) != k:
+            raise TreeError(f"an attached tree needs 1 to {self.slots} nodes with one parent each, got {k}")
+        P, m = self.base_size, self.slots
+        par_np, dep_np, paths_np, tok_np = self._h
+        anc = self._anc_np
+        rows = slice(P, P + m)
+        anc[rows] = False
+        paths_np[rows] = 0
+        for j in range(m):
+            jj = min(j, k - 1)  # padding repeats the last node
+            p = int(parents[jj])
+            if not -1 <= p < jj:
+                raise TreeError(f"attached node {jj} has parent {p}: nodes must come after their parent")
+            g, gp = P + j, (0 if p < 0 else P + p)
+            par_np[g] = gp
+            d = dep_np[g] = dep_np[gp] + 1
+            paths_np[g, :d] = paths_np[gp, :d]
+            paths_np[g, d] = g
+            anc[g] = anc[gp]
+            anc[g, g] = True
+            tok_np[j] = tokens[jj]
+        self.loaded = k
+        self._dev.copy_(self._host, non_blocking=True)
+        self._dev_anc.copy_(self._host_anc, non_blocking=True)
+
+
 # --------------------------------------------------------------------------- templates
 @dataclass(frozen=True)
 class TreeTemplate:

@@ -639,18 +639,45 @@ def test_device_steps_mixed_with_plain_steps_and_the_context_end():
     assert res.stats.draft_sizes[0] > 0 and res.stats.draft_sizes[16] > 0  # both kinds of step ran
 
 
+def _repetitive(n, seed=0):
+    """Prompts that repeat a segment: retrieval finds matches in them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 101, (10,), generator=g).tolist() * 3 for _ in range(n)]
+
+
+@pytest.mark.parametrize("template", ["tr8", "auto"])
+def test_hybrid_device_steps_identical_to_plain(template):
+    """Hybrid's device step (Token Recycling filled on the device, the retrieval tree attached
+    under the root through an AttachBuffer) is lossless, and the retrieval part is used."""
+    model = make("llama-gqa-tied")
+    prompts = _repetitive(3) + _prompts(1, length=30)
+    ref = [Engine(model, Tok(), drafter=None).generate(p, 48).tokens for p in prompts]
+    be = NativeBackend(model, device_steps=True)
+    eng = Engine(model, Tok(), drafter="hybrid", backend=be, template=template, latency=_flat_latency())
+    for p, r in zip(prompts, ref):
+        assert eng.generate(p, 48).tokens == r
+    again = eng.generate(prompts[0], 48)  # earlier requests are in the suffix store now
+    assert again.tokens == ref[0]
+    used = eng.drafter.used
+    assert used["attached"] > 0 and used["merged"] == 0  # device steps only
+    assert again.stats.mat > 4.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture of whole steps needs a CUDA device")
-def test_device_steps_captured_on_cuda():
+@pytest.mark.parametrize("drafter", ["recycling", "hybrid"])
+def test_device_steps_captured_on_cuda(drafter):
     model = make("llama-gqa-tied").cuda()
     be = NativeBackend(model)
     assert be.graphs and be.captures_steps
-    eng = Engine(model, Tok(), drafter="recycling", backend=be, template="tr16")
-    p = _prompts(1, length=30)[0]
-    a = eng.generate(p, 48)
-    b = eng.generate(p, 48)  # replays
-    ref = Engine(model, Tok(), drafter=None, backend=NativeBackend(model, graphs=False)).generate(p, 48).tokens
-    assert a.tokens == b.tokens == ref
+    eng = Engine(model, Tok(), drafter=drafter, backend=be, template="tr16")
+    plain = Engine(model, Tok(), drafter=None, backend=NativeBackend(model, graphs=False))
+    for p in _prompts(1, length=30) + _repetitive(2):
+        a = eng.generate(p, 48)
+        b = eng.generate(p, 48)  # replays (hybrid: the retrieval trees change under the same graphs)
+        assert a.tokens == b.tokens == plain.generate(p, 48).tokens
     assert be._steps
+    if drafter == "hybrid":
+        assert eng.drafter.used["attached"] > 0
 
 
 class _NoHostReads:
@@ -679,8 +706,9 @@ class _NoHostReads:
         return self._mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("template", ["tr16", "auto"])
-def test_device_step_reads_nothing_back(template):
+@pytest.mark.parametrize("drafter,template", [("recycling", "tr16"), ("recycling", "auto"), ("hybrid", "tr16"),
+                                              ("hybrid", "auto")])
+def test_device_step_reads_nothing_back(drafter, template):
     """Everything ``Backend.step`` runs (drafter fill and update, forward, walk, KV compaction)
     must be capturable: no op in it may read device data back to the host."""
     from freespec.drafters import make_drafter
@@ -689,9 +717,9 @@ def test_device_step_reads_nothing_back(template):
     model = make("llama-gqa-tied")
     be = NativeBackend(model, device_steps=True, graphs=False)
     be.bucketed = True
-    dr = make_drafter("recycling", vocab_size=be.vocab_size, device=be.device, template=template)
+    dr = make_drafter(drafter, vocab_size=be.vocab_size, device=be.device, template=template)
     be.reset()
-    ids = rand_ids(20)
+    ids = torch.tensor(_repetitive(1)[0][:20])
     root = be.prefill(ids).argmax(-1).view(1)
     be.set_root(root)
     for _ in range(3):
@@ -703,5 +731,7 @@ def test_device_step_reads_nothing_back(template):
             out = NativeBackend.step.__wrapped__(be, ds)
         n_acc = int(out[0])
         be.advance(n_acc + 1)
+    if drafter == "hybrid":
+        assert dr.used["attached"] > 0  # the retrieval tree rode along
     with pytest.raises(AssertionError, match="host read"), _NoHostReads():
         torch.tensor([1, 2]).nonzero()  # the guard itself works

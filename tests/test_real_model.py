@@ -81,14 +81,17 @@ def test_seeded_sampling_identical_to_plain_sampling(engines):
         assert tr_full.generate("Tell me a fun fact.", 48, chat=True, sampling=sp).tokens == ref.tokens
 
 
-def test_device_steps_identical_on_the_real_model(default_model):
-    """The whole-step path (what a CUDA graph captures, run eagerly on the CPU) on SmolLM2."""
+@pytest.mark.parametrize("drafter", ["recycling", "hybrid"])
+def test_device_steps_identical_on_the_real_model(default_model, drafter):
+    """The whole-step path (what a CUDA graph captures, run eagerly on the CPU) on SmolLM2;
+    hybrid's steps carry the retrieval tree attached beside Token Recycling's (the summary
+    prompt copies its input)."""
     from freespec.backends.native import NativeBackend
 
     model, tok = default_model
     plain = Engine(model, tok, drafter=None)
     be = NativeBackend(model, device_steps=True)
-    tr = Engine(model, tok, drafter="recycling", template="tr16", backend=be)
+    tr = Engine(model, tok, drafter=drafter, template="tr16", backend=be)
     mats = []
     for text in PROMPTS[:4]:
         ids = plain.encode(text, chat=True)
@@ -97,3 +100,5 @@ def test_device_steps_identical_on_the_real_model(default_model):
         assert got.tokens == ref
         mats.append(got.stats.mat)
     assert max(mats) > 1.2
+    if drafter == "hybrid":
+        assert tr.drafter.used["attached"] > 0

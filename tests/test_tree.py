@@ -71,3 +71,46 @@ def test_subtree_is_closed_under_parents():
         keep = set(s.paths)
         assert len(keep) == n
         assert all(p[:-1] in keep or len(p) == 1 for p in keep)
+
+
+# --------------------------------------------------------------------------- attach buffers
+def _combined(base_parents, parents, slots):
+    """The tree an AttachBuffer should hold: base, then the extra nodes (padding repeats the last)."""
+    P = len(base_parents)
+    out = list(base_parents)
+    for j in range(slots):
+        p = parents[min(j, len(parents) - 1)]
+        out.append(0 if p < 0 else P + p)
+    return TreeShape.from_parents(out)
+
+
+@pytest.mark.parametrize("extra", [[-1], [-1, 0, 1, 0], [-1, -1, 1, 2, 3, 3, 0]])
+def test_attach_buffer_matches_a_tree_built_from_scratch(extra):
+    from freespec.tree import AttachBuffer
+
+    base = TreeShape.from_parents(get_template("tr8").parents())
+    buf = AttachBuffer(base, 8, "cpu")
+    for tree in (extra, [-1, 0, 1, 2, 3, 4, 5, 6], extra):  # rewritten in place, deeper than the base
+        toks = [100 + i for i in range(len(tree))]
+        buf.load(toks, tree)
+        want = _combined(base.parents_list, tree, 8)
+        s = buf.shape
+        assert s.size == want.size == base.size + 8
+        assert torch.equal(s.parents, want.parents)
+        assert torch.equal(s.depth, want.depth)
+        assert torch.equal(s.ancestors, want.ancestors)
+        assert torch.equal(s.paths[:, : want.max_depth + 1], want.paths)
+        assert not s.paths[:, want.max_depth + 1 :].any()
+        assert buf.tokens.tolist() == [toks[min(j, len(toks) - 1)] for j in range(8)]
+
+
+def test_attach_buffer_rejects_bad_trees():
+    from freespec.tree import AttachBuffer
+
+    buf = AttachBuffer(TreeShape.from_parents([-1, 0]), 4, "cpu")
+    with pytest.raises(TreeError, match="1 to 4 nodes"):
+        buf.load([], [])
+    with pytest.raises(TreeError, match="1 to 4 nodes"):
+        buf.load([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3])
+    with pytest.raises(TreeError, match="must come after"):
+        buf.load([1, 2], [-1, 1])

@@ -24,13 +24,16 @@ class DeviceStep:
     verdict)`` updates the drafter from what the target computed. Both are tensor code with
     static shapes and no host reads, so a backend may capture them, with the target's forward
     and the verifier, in one CUDA graph. ``key`` names the plan: the same key must mean the
-    same shape and the same functions, since a captured step is replayed by key.
+    same shape tensors and the same functions, since a captured step is replayed by key (the
+    tensors' contents may change between steps: a replay reads them afresh). ``done(emitted)``
+    (optional, host code) runs after the step with the tokens it emitted.
     """
 
     key: Hashable
     shape: TreeShape
     fill: Callable[[torch.Tensor], torch.Tensor]
     observe: Callable[..., None]
+    done: Callable[[list[int]], None] | None = None
 
 
 class Backend(ABC):

@@ -211,7 +211,7 @@ def timings(model, tok, cache: int, new: int, reps: int) -> None:
 
 
 @torch.inference_mode()
-def profile(model, tok, new: int, cache: int = 700) -> None:
+def profile(model, tok, new: int, cache: int = 700, attention_variants: bool = False) -> None:
     """Where a step's time goes: graph replay alone vs the engine's whole step, per backend
     variant (torch.compile of the layers on / off), and the kernels of a few engine steps."""
     from torch.profiler import ProfilerActivity
@@ -220,7 +220,7 @@ def profile(model, tok, new: int, cache: int = 700) -> None:
     dev = model.device
     ids = torch.tensor(_prompt_ids(model, tok, cache), device=dev)
     variants = {"default": {}}
-    if dev.type == "cuda":  # the attention kernels for a 1-token / tree query over the cache
+    if dev.type == "cuda" and attention_variants:  # the attention kernels for a 1-token / tree query
         variants.update({k: {"attention": k} for k in ("efficient", "math")})
     prompt = None
     for vname, kw in variants.items():
@@ -239,15 +239,16 @@ def profile(model, tok, new: int, cache: int = 700) -> None:
                 row.append(f"replay n={n}: {_time(g.graph.replay, dev, 50):.3f} ms")
             row.append(f"verify+commit n={n}: {_time(lambda: (be.verify(draft), be.commit(shape.paths[0], 0)), dev, 50):.3f} ms")
         print(f"[{vname}] compile={be.compile} ({be.compile_skip_reason}) " + " | ".join(row))
-        for drafter, tmpl in ((None, None), ("recycling", "tr80")) if vname == "default" else ():
+        runs = ((None, None), ("recycling", "tr80"), ("hybrid", "tr80"))
+        for drafter, tmpl in runs if vname == "default" else ():
             eng = Engine(model, tok, drafter=drafter, backend=be, template=tmpl, profile=False)
             eng.generate(prompt, new)
             r = eng.generate(prompt, new)
             st = r.stats
             ms = st.time_total / max(1, st.steps) * 1e3
-            print(f"[{vname}] {'plain' if drafter is None else 'TR tr80'}: {st.tokens_per_second:.1f} tok/s, "
+            print(f"[{vname}] {'plain' if drafter is None else drafter + ' ' + tmpl}: {st.tokens_per_second:.1f} tok/s, "
                   f"{st.steps} steps, {ms:.3f} ms/step (prefill {st.time_prefill * 1e3:.1f} ms), MAT {st.mat:.2f}")
-            if vname == next(iter(variants)):
+            if vname == next(iter(variants)) and drafter != "hybrid":
                 acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
                 with tprofile(activities=acts) as prof:
                     r = eng.generate(prompt, 64)
@@ -276,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-timings", action="store_true")
     ap.add_argument("--no-checks", action="store_true", help="skip the fp32 checks")
     ap.add_argument("--profile", action="store_true", help="where the step time goes (in --dtype)")
+    ap.add_argument("--attention-variants", action="store_true", help="--profile: also time the efficient / math kernels")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}  device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}")
@@ -297,7 +299,7 @@ def main(argv=None) -> int:
     if not args.no_timings:
         timings(model, tok, args.cache, args.new, args.reps)
     if args.profile:
-        profile(model, tok, args.new, args.cache)
+        profile(model, tok, args.new, args.cache, args.attention_variants)
     print("SELFCHECK", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

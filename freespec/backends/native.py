@@ -245,7 +245,8 @@ def _pre_attn(h, delta, ln, wqkv, bqkv, qn, kn, cos, sin_s, eps: float, hkv: int
     """Residual add of the previous layer's MLP output ``delta``, RMSNorm, the fused q/k/v
     projection, q/k head norms (Qwen3), rope. Returns the residual stream ``h``, the queries
     with each KV head's ``g`` query heads folded into the query axis ([1, hkv, g * n, d], rows
-    (group, token)) and the new keys / values as [hkv, n, d] (the cache's layout)."""
+    (group, token)) and the new keys and values stacked as [2, hkv, n, d] (the cache's layout:
+    one cache write per layer)."""
     h = h + delta
     n, d, hq = h.shape[0], cos.shape[-1], hkv * g
     qkv = F.linear(_rms(h, ln, eps), wqkv, bqkv).view(n, hq + 2 * hkv, d)
@@ -254,7 +255,7 @@ def _pre_attn(h, delta, ln, wqkv, bqkv, qn, kn, cos, sin_s, eps: float, hkv: int
         qk = torch.cat((_rms(qk[:, :hq], qn, eps), _rms(qk[:, hq:], kn, eps)), dim=1)
     qk = _rope(qk, cos, sin_s)
     q = qk[:, :hq].reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
-    return h, q, qk[:, hq:].transpose(0, 1), v.transpose(0, 1)
+    return h, q, torch.stack((qk[:, hq:], v), dim=1).permute(1, 2, 0, 3)
 
 
 def _post_attn(h, a, wo, bo, ln, wgu, bgu, wd, bd, eps: float):
@@ -540,11 +541,10 @@ class NativeBackend(Backend):
         delta = torch.zeros_like(h)  # the pending MLP output, added at the next norm
         kv = self.kv
         for li, w in enumerate(self._layers):
-            h, q, k, v = pre(h, delta, w.ln1, w.wqkv, w.bqkv, w.qn, w.kn, cos, sin_s, eps, hkv, g)
-            kc, vc = kv[li, 0], kv[li, 1]  # [hkv, slots, d]
-            kc.index_copy_(1, slots, k)
-            vc.index_copy_(1, slots, v)
-            a = self._sdpa(q, kc[None, :, :ext], vc[None, :, :ext], bias)
+            h, q, new_kv = pre(h, delta, w.ln1, w.wqkv, w.bqkv, w.qn, w.kn, cos, sin_s, eps, hkv, g)
+            layer = kv[li]  # [k|v, hkv, slots, d]
+            layer.index_copy_(2, slots, new_kv)
+            a = self._sdpa(q, layer[0:1, :, :ext], layer[1:2, :, :ext], bias)
             h, delta = post(h, a, w.wo, w.bo, w.ln2, w.wgu, w.bgu, w.wd, w.bd, eps)
         if keep is not None:
             if keep == 0:
@@ -700,24 +700,31 @@ class NativeBackend(Backend):
         def fn():
             return self._tree_forward(b.tok, b.depth, b.anc, nb, ext, static=True)
 
+        # The provisional KV writes are idempotent: warm-up and replay write the same slots.
+        _, graph, out = self._record(fn, runs=2)
+        g = _Graph(graph, out)
+        self._graphs[(nb, ext)] = g
+        return g
+
+    def _record(self, fn, runs: int):
+        """Run ``fn`` ``runs`` times eagerly on a side stream (warm-up: cuBLAS handles, kernel
+        choice, compiled code), then capture it. Returns (the last eager output, the graph,
+        the graph's output tensor). Capturing records kernels without running them."""
         with torch.cuda.device(self.device):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             cur = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(cur)
-            with torch.cuda.stream(side):  # warm up (cuBLAS handles, kernel selection) off the capture
-                for _ in range(2):
-                    fn()
+            with torch.cuda.stream(side):
+                for _ in range(runs):
+                    out = fn()
             cur.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # The provisional KV writes are idempotent: warm-up and replay write the same slots.
             # thread_local: CUDA work on other threads (a server's) does not break the capture
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = fn()
-        g = _Graph(graph, out)
-        self._graphs[(nb, ext)] = g
-        return g
+                gout = fn()
+        return out, graph, gout
 
     def clear_graphs(self) -> None:
         """Drop captured graphs (e.g. to free their memory)."""
@@ -763,22 +770,18 @@ class NativeBackend(Backend):
         if g is not None:
             g.graph.replay()
             return g.out
-        depth, anc = self._padded(shape, nb)
-        if not self.graphs:
+        # the tree's depth / ancestors padded to the bucket (padding nodes: self only); the
+        # copy into them is part of the step, so a shape rewritten in place is read afresh
+        depth = torch.zeros(nb, dtype=torch.long, device=self.device)
+        anc = torch.eye(nb, dtype=torch.bool, device=self.device)
+
+        def body():
             return self._step_body(ds, nb, ext, depth, anc)
-        with torch.cuda.device(self.device):
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            cur = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):  # this step, eagerly: real work, and the warm-up
-                out = self._step_body(ds, nb, ext, depth, anc)
-            cur.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # Capturing records the kernels without running them: state is not touched twice.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                gout = self._step_body(ds, nb, ext, depth, anc)
+
+        if not self.graphs:
+            return body()
+        # this step runs eagerly once (real work, and the warm-up), then is captured
+        out, graph, gout = self._record(body, runs=1)
         if len(self._steps) >= MAX_STEP_GRAPHS:  # plans come and go (the cost model's choice)
             self._steps.pop(next(iter(self._steps)))
         # the graph reads the plan's tensors (shape, node indices, held by ``ds``) at every
@@ -790,17 +793,10 @@ class NativeBackend(Backend):
         """After :meth:`step`: the host's copy of the cache length grows by ``n_keep``."""
         self._advance_host(int(n_keep))
 
-    def _padded(self, shape, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shape's depth and ancestor matrix padded to the bucket (padding nodes: self only)."""
-        n = shape.size
-        depth = torch.zeros(nb, dtype=torch.long, device=self.device)
-        depth[:n].copy_(shape.depth)
-        anc = torch.eye(nb, dtype=torch.bool, device=self.device)
-        anc[:n, :n].copy_(shape.ancestors)
-        return depth, anc
-
     def _step_body(self, ds: DeviceStep, nb: int, ext: int, depth, anc) -> torch.Tensor:
         n = ds.shape.size
+        depth[:n].copy_(ds.shape.depth)
+        anc[:n, :n].copy_(ds.shape.ancestors)
         tokens = ds.fill(self._root)
         tok = torch.zeros(nb, dtype=torch.long, device=self.device)
         tok[:n].copy_(tokens)

@@ -16,22 +16,37 @@ With ``template="auto"`` (the default) and the engine's latency curve, merging i
 the cost model instead of thresholds: retrieval scores are calibrated online to acceptance
 rates, Token Recycling's nodes carry their learnt acceptance probabilities, and the merged
 tree is cut to the node count that maximises expected tokens per second (or to nothing).
+
+Whole steps on the device (``device_step``, the native backend with CUDA graphs): Token
+Recycling's tree is filled on the device and the retrieval tree, built on the host, is hung
+under the root beside it (``tree.AttachBuffer``: its tokens and structure are copied into
+buffers that the captured step reads), so the step stays one graph replay and one sync.
+Merging by common prefix would need Token Recycling's tokens on the host (a second sync), so
+here the two trees sit side by side; a retrieval node that repeats a Token Recycling node
+costs one verified token, nothing else. The retrieval tree is cut by the cost model as above
+(or by ``min_match`` / ``min_score`` without a latency curve) and padded to 8 or 32 nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 
-from ..tree import TreeTemplate, rank_prior
+from ..backends.base import DeviceStep
+from ..cost import order_nodes
+from ..tree import AttachBuffer, TreeShape, TreeTemplate, rank_prior
 from .base import DraftContext, Drafter
 from .lookup import PromptLookup, Retrieval
-from .merge import HostTree, merge_trees, to_draft
-from .recycling import AUTO, TokenRecycling
+from .merge import HostTree, _subset, merge_trees, to_draft
+from .recycling import _SERIALS, AUTO, TokenRecycling
 from .sizing import TreeSizer, size_tree
 from .suffix import SuffixDrafter
 
 MODES = ("switch", "merge")
 RETRIEVERS = {"suffix": SuffixDrafter, "lookup": PromptLookup}
+ATTACH_SLOTS = (8, 32)  # retrieval-tree sizes a captured step is laid out for (padded up to)
 
 
 class HybridDrafter(Drafter):
@@ -87,9 +102,12 @@ class HybridDrafter(Drafter):
         self.min_score = float(min_score)
         self.max_nodes = None if max_nodes is None else int(max_nodes)
         self.device = torch.device(device)
-        self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "none": 0}  # steps per source
+        self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "attached": 0, "none": 0}  # steps per source
         self.sizer = TreeSizer()
         self._set_scores()
+        self._attach: dict[tuple, tuple[AttachBuffer, int]] = {}  # device steps: (buffer, serial) by (plan, slots)
+        self._serial = next(_SERIALS)  # names this drafter's captured steps (never reused, unlike id())
+        self._root_shape = TreeShape.from_parents([-1], self.device)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -186,6 +204,77 @@ class HybridDrafter(Drafter):
         self.used["merged"] += 1
         return to_draft(tree, ctx.root.device)
 
+    # ------------------------------------------------------------------ whole steps on the device
+    def device_step(self, ctx: DraftContext) -> DeviceStep:
+        """This step for ``Backend.step``: Token Recycling's device step with the retrieval tree
+        attached under the root when it pays (see the module docstring); never None (a step
+        with nothing to draft is a one-token step, on the device too)."""
+        tr = self.tr.device_step(ctx)
+        base = tr.shape if tr is not None else self._root_shape
+        room = ctx.budget - (base.size - 1)
+        r = self.retriever.retrieve(ctx) if room >= ATTACH_SLOTS[0] else None
+        tree = self._attachable(r, ctx, base.size, room) if r is not None else None
+        if tree is None:
+            self.used["recycling" if tr is not None else "none"] += 1
+            if tr is None:
+                tr = DeviceStep(("hybrid-plain", self._serial), base, _root_only, self._observe_update)
+            return dataclasses.replace(tr, done=self._learn)
+        slots = next(m for m in ATTACH_SLOTS if m >= tree.size - 1)
+        key = (tr.key if tr is not None else "root", slots)
+        got = self._attach.get(key)
+        if got is None:
+            if len(self._attach) >= 256:  # plans come and go; new buffers get new step keys
+                self._attach.clear()
+            got = self._attach[key] = (AttachBuffer(base, slots, self.device), next(_SERIALS))
+        buf, serial = got
+        buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]])
+        self.used["attached" if tr is not None else "retrieval"] += 1
+        head = tr.fill if tr is not None else _root_only
+        observe = tr.observe if tr is not None else self._observe_update
+
+        def fill(root, head=head, extra=buf.tokens):
+            return torch.cat((head(root), extra))
+
+        return DeviceStep(("hybrid", self._serial, serial), buf.shape, fill, observe, done=self._learn)
+
+    def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, room: int) -> HostTree | None:
+        """The part of the retrieval tree worth verifying beside a base tree of ``base_size``
+        nodes: by the cost model (expected tokens per second, padding to the slot sizes
+        counted) with a latency curve, else the whole tree if the match is strong."""
+        cap = min(room, ATTACH_SLOTS[-1])
+        curve = ctx.latency
+        if curve is None or not self.tr.auto:
+            if not self.strong(r):
+                return None
+            tree = r.tree
+            if tree.size - 1 > cap:
+                tree = _subset(tree, [int(i) for i in sorted(order_nodes(tree.scores, tree.parents)[:cap])])
+            return tree
+        cal = self.sizer.calibrated(r.tree)  # learnt from in done(), whether used or not
+        order = order_nodes(cal.scores, cal.parents)[:cap]
+        if len(order) == 0:
+            return None
+        gain = self._base_gain(base_size) + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
+        slots = np.array([0] + [next(m for m in ATTACH_SLOTS if m >= k) for k in range(1, len(order) + 1)])
+        sizes = np.minimum(base_size + slots, len(curve) - 1)
+        k = int(np.argmax(gain / curve[sizes]))
+        if k == 0:
+            return None
+        return _subset(cal, sorted(int(i) for i in order[:k]))
+
+    def _base_gain(self, base_size: int) -> float:
+        """Expected tokens from the base tree: 1 + its nodes' acceptance estimates."""
+        if base_size <= 1 or self.tr._ranked is None or not self.tr._plan_key:
+            return 1.0
+        p, _ = self.tr._ranked
+        return 1.0 + float(p[list(self.tr._plan_key)].sum())
+
+    def _observe_update(self, tokens, logits, verdict) -> None:
+        self.tr.update(tokens, logits)
+
+    def _learn(self, emitted: list[int]) -> None:
+        self.sizer.learn(emitted)
+
     def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
         # every verified node's logits refresh its token's row, whoever drafted it
         self.tr.update(draft.tokens, logits)
@@ -195,3 +284,7 @@ class HybridDrafter(Drafter):
 
     def end(self, tokens: list[int]) -> None:
         self.retriever.end(tokens)
+
+
+def _root_only(root: torch.Tensor) -> torch.Tensor:
+    return root.view(1)
