@@ -57,3 +57,24 @@ def test_save_load_reset(tmp_path):
 def test_empty_template_means_plain_step():
     tr = TokenRecycling(vocab_size=10, template=0)
     assert tr.propose(_ctx(1)) is None
+
+
+def test_top_k_ids_finds_the_top_k():
+    """The two-pass top-k gives the same values as torch.topk (and valid indices), for
+    vocabularies that divide into slices and ones with a short last slice, ties included."""
+    from freespec.drafters.recycling import CHUNK, top_k_ids
+
+    g = torch.Generator().manual_seed(0)
+    for V in (CHUNK * 40, CHUNK * 40 + 37, 100):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(24, V, generator=g).to(dtype)
+            x[3] = 0.0  # all tied
+            x[4, -5:] = 50.0  # the winners in the short tail
+            x[5, :: CHUNK] = 60.0  # one winner per slice, first position
+            x[6] = (torch.arange(V) % 7).to(dtype)  # many ties at the top
+            ids = top_k_ids(x, 8)
+            assert ids.shape == (24, 8) and int(ids.min()) >= 0 and int(ids.max()) < V
+            assert all(len(set(r)) == 8 for r in ids.tolist())  # distinct
+            got = x.gather(1, ids)
+            want = x.topk(8, dim=-1).values
+            assert torch.equal(got, want)  # the same values, largest first

@@ -119,7 +119,8 @@ def _record(q: Question, turn: int, method, prompt_ids: list[int], run, ref_run)
         identical = div is None
     stats = None
     if run.stats is not None:
-        keys = ("time_total", "time_prefill", "time_draft", "time_verify", "time_other", "mean_draft_nodes")
+        keys = ("time_total", "time_prefill", "time_draft", "time_verify", "time_other", "mean_draft_nodes",
+                "draft_sizes")
         stats = {k: run.stats[k] for k in keys if k in run.stats}
     return {
         "question_id": q.question_id,

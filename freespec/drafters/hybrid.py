@@ -47,6 +47,9 @@ from .suffix import SuffixDrafter
 MODES = ("switch", "merge")
 RETRIEVERS = {"suffix": SuffixDrafter, "lookup": PromptLookup}
 ATTACH_SLOTS = (8, 32)  # retrieval-tree sizes a captured step is laid out for (padded up to)
+# Most nodes of a step with an attached tree (root included): a bigger step would be a new
+# forward size, i.e. a compile and graph captures mid-run (seconds), for a few more nodes.
+ATTACH_LIMIT = 128
 
 
 class HybridDrafter(Drafter):
@@ -209,23 +212,27 @@ class HybridDrafter(Drafter):
         """This step for ``Backend.step``: Token Recycling's device step with the retrieval tree
         attached under the root when it pays (see the module docstring); never None (a step
         with nothing to draft is a one-token step, on the device too)."""
-        tr = self.tr.device_step(ctx)
+        tr_ctx = ctx
+        if self.tr.auto:  # leave room for the largest retrieval layout within ATTACH_LIMIT
+            tr_ctx = dataclasses.replace(ctx, budget=min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]))
+        tr = self.tr.device_step(tr_ctx)
         base = tr.shape if tr is not None else self._root_shape
-        room = ctx.budget - (base.size - 1)
-        r = self.retriever.retrieve(ctx) if room >= ATTACH_SLOTS[0] else None
-        tree = self._attachable(r, ctx, base.size, room) if r is not None else None
+        room = min(ctx.budget - (base.size - 1), ATTACH_LIMIT - base.size)
+        slots = [m for m in ATTACH_SLOTS if m <= room]  # the layouts that fit (padding included)
+        r = self.retriever.retrieve(ctx) if slots else None
+        tree = self._attachable(r, ctx, base.size, slots) if r is not None else None
         if tree is None:
             self.used["recycling" if tr is not None else "none"] += 1
             if tr is None:
                 tr = DeviceStep(("hybrid-plain", self._serial), base, _root_only, self._observe_update)
             return dataclasses.replace(tr, done=self._learn)
-        slots = next(m for m in ATTACH_SLOTS if m >= tree.size - 1)
-        key = (tr.key if tr is not None else "root", slots)
+        m = next(m for m in slots if m >= tree.size - 1)
+        key = (tr.key if tr is not None else "root", m)
         got = self._attach.get(key)
         if got is None:
             if len(self._attach) >= 256:  # plans come and go; new buffers get new step keys
                 self._attach.clear()
-            got = self._attach[key] = (AttachBuffer(base, slots, self.device), next(_SERIALS))
+            got = self._attach[key] = (AttachBuffer(base, m, self.device), next(_SERIALS))
         buf, serial = got
         buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]])
         self.used["attached" if tr is not None else "retrieval"] += 1
@@ -237,11 +244,12 @@ class HybridDrafter(Drafter):
 
         return DeviceStep(("hybrid", self._serial, serial), buf.shape, fill, observe, done=self._learn)
 
-    def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, room: int) -> HostTree | None:
+    def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, slots: list[int]) -> HostTree | None:
         """The part of the retrieval tree worth verifying beside a base tree of ``base_size``
-        nodes: by the cost model (expected tokens per second, padding to the slot sizes
-        counted) with a latency curve, else the whole tree if the match is strong."""
-        cap = min(room, ATTACH_SLOTS[-1])
+        nodes, in at most ``slots[-1]`` nodes: by the cost model (expected tokens per second,
+        padding to the slot sizes counted) with a latency curve, else the whole tree (cut to
+        fit) if the match is strong."""
+        cap = slots[-1]
         curve = ctx.latency
         if curve is None or not self.tr.auto:
             if not self.strong(r):
@@ -255,8 +263,8 @@ class HybridDrafter(Drafter):
         if len(order) == 0:
             return None
         gain = self._base_gain(base_size) + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
-        slots = np.array([0] + [next(m for m in ATTACH_SLOTS if m >= k) for k in range(1, len(order) + 1)])
-        sizes = np.minimum(base_size + slots, len(curve) - 1)
+        padded = np.array([0] + [next(m for m in slots if m >= k) for k in range(1, len(order) + 1)])
+        sizes = np.minimum(base_size + padded, len(curve) - 1)
         k = int(np.argmax(gain / curve[sizes]))
         if k == 0:
             return None

@@ -140,7 +140,7 @@ class TokenRecycling(Drafter):
         self._since = RECHOOSE  # choose afresh for the new request's cache length
         if prompt_logits is not None:
             ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
-            self.matrix[ids] = prompt_logits.topk(self.k, dim=-1).indices.to(torch.int32)
+            self.matrix[ids] = top_k_ids(prompt_logits, self.k).to(torch.int32)
 
     def candidates(self, limit: int = 64) -> HostTree | None:
         """The ``limit`` most probable nodes of this step's base tree, scored by P(accepted),
@@ -243,7 +243,7 @@ class TokenRecycling(Drafter):
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Overwrite the rows of ``tokens`` with the top-k of their ``logits``."""
-        self.matrix[tokens] = logits.topk(self.k, dim=-1).indices.to(torch.int32)
+        self.matrix[tokens] = top_k_ids(logits, self.k).to(torch.int32)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -274,6 +274,33 @@ class TokenRecycling(Drafter):
         if stats is not None and state.get("template") == self.template.name:
             self.stats.load_state_dict(stats)
         self._since = RECHOOSE
+
+
+CHUNK = 128  # top_k_ids: vocabulary slice per first-pass maximum
+
+
+def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest logits of each row [n, V], largest first: ``topk`` in two
+    cheap passes. The k slices of ``CHUNK`` logits with the largest maxima hold a top-k set
+    (were a top-k logit x in another slice, the k slices ahead of it would hold k maxima >= x,
+    and x would not be in the top k), so one max per slice, a top-k over the slice maxima, and
+    a top-k over the k gathered slices find it. Measured on an H100, [96, 151936] bf16:
+    ``topk`` alone 157 us, a radix select over the whole row. Ties may come out in another
+    order than ``topk``'s (which orders them arbitrarily too)."""
+    n, V = logits.shape
+    C = CHUNK
+    full = V // C
+    if full < 4 * k:  # a small vocabulary: one pass is cheap
+        return logits.topk(k, dim=-1).indices
+    main = logits[:, : full * C].view(n, full, C)
+    slices = main.amax(-1).topk(k, dim=-1).indices  # [n, k]
+    cand = main.gather(1, slices[:, :, None].expand(n, k, C)).view(n, k * C)
+    if full * C < V:  # the short last slice always competes
+        cand = torch.cat((cand, logits[:, full * C :]), dim=1)
+    j = cand.topk(k, dim=-1).indices  # [n, k] positions in cand
+    inside = j < k * C
+    ids = slices.gather(1, (j // C).clamp(max=k - 1)) * C + j % C
+    return torch.where(inside, ids, j - k * C + full * C)
 
 
 def default_template(device: torch.device | str) -> str:
