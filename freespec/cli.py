@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="plain decoding vs speculative decoding on the built-in prompts")
     _add_model_args(d)
     d.add_argument("--drafter", default="auto", choices=["auto", "recycling", "lookup", "suffix", "hybrid"],
-                   help="'auto' (default): the measured best for the device (recycling on CUDA, hybrid on a CPU)")
+                   help="'auto' (default): the measured best for the device (hybrid, on CUDA and on a CPU)")
     d.add_argument("--tree", default="auto", help="draft tree: 'auto' (cost model, default), a template name, or N")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--prompts", default="builtin", help="'builtin' or a Spec-Bench style question.jsonl")

@@ -1,7 +1,7 @@
 """``freespec demo``: plain decoding vs speculative decoding on the built-in prompts, side by side.
 
-The drafter is the device's default (``--drafter auto``: Token Recycling on CUDA, hybrid on a
-CPU) unless ``--drafter`` names one.
+The drafter is the device's default (``--drafter auto``: hybrid, on CUDA and on a CPU) unless
+``--drafter`` names one.
 """
 
 from __future__ import annotations

@@ -280,6 +280,10 @@ def test_end_to_end_tiny(tiny, tmp_path):
     # "recycling" takes the device's default tree, "recycling:tr8" the named one
     assert {r["template"] for r in recs if r["method"] == "recycling"} == {"auto"}  # the cost model's choice
     assert {r["template"] for r in recs if r["method"] == "recycling:tr8"} == {"tr8"}
+    # the latency curve the automatic trees were sized by, and each record's tree sizes
+    curve = data["latency_curve"]
+    assert curve["sizes"][0] == 1 and len(curve["seconds"]) == len(curve["cache_lens"])
+    assert all(sum(r["stats"]["draft_sizes"].values()) == r["steps"] for r in recs if r["stats"])
     env = data["env"]
     for k in ("device_name", "torch", "transformers", "freespec", "dtype", "threads", "backend", "git_commit",
               "command", "date"):

@@ -232,7 +232,7 @@ def test_default_drafter_by_device_and_cli_default():
     from freespec.cli import build_parser
     from freespec.drafters import DRAFTERS, default_drafter
 
-    assert default_drafter("cuda") == "recycling"
+    assert default_drafter("cuda") == "hybrid"  # measured: docs/benchmarks.md
     assert default_drafter("cpu") == "hybrid"
     assert all(default_drafter(d) in DRAFTERS for d in ("cpu", "cuda"))
     args = build_parser().parse_args(["generate", "hi"])

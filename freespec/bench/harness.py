@@ -239,6 +239,10 @@ def run_bench(
     cfg["interrupted"] = interrupted
     summary = summarize(records, reference=REFERENCE, baseline=HF_BASELINE)
     results = {"env": env, "config": cfg, "summary": summary, "records": records, "skipped": skipped}
+    # the verify-latency curve the cost model sized trees by (one per backend: shared)
+    curve = next((m.engine.latency for m in built if getattr(getattr(m, "engine", None), "latency", None)), None)
+    if curve is not None:
+        results["latency_curve"] = curve.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(render_markdown(summary, env, cfg) + "\n")
     if records and not plot_speedup(summary, out / "speedup.png"):

@@ -60,22 +60,30 @@ class TokenRecycling(Drafter):
     def set_template(self, template: str | int | TreeTemplate) -> None:
         self.auto = isinstance(template, str) and template.strip() == AUTO
         t = get_template(AUTO_BASE if self.auto else template)
+        levelled = tuple(sorted(t.paths, key=lambda p: (len(p), p)))  # fill() goes level by level
+        if levelled != t.paths:
+            t = TreeTemplate(t.name, levelled)
         if t.max_rank > self.k:
             raise ValueError(f"template {t.name} uses rank {t.max_rank - 1} but the matrix keeps k={self.k}")
         self.template = t
         self.shape = TreeShape.from_parents(t.parents(), self.device)
         parents = self.shape.parents
         ranks = torch.tensor(t.ranks(), dtype=torch.long, device=self.device)
-        depth = self.shape.depth
-        # one (nodes, flat source offsets) pair per level: M.view(-1)[token(parent) * k + rank]
+        # per level (nodes lie level by level, in order): each node's parent as an index into
+        # the level above, and its rank; token(node) = M.view(-1)[token(parent) * k + rank]
         self._levels = []
-        for d in range(1, self.shape.max_depth + 1):
-            nodes = (depth == d).nonzero().view(-1)
-            self._levels.append((nodes, parents[nodes], ranks[nodes]))
+        above, start = 0, 1  # first node of the level above, of this level
+        for width in t.nodes_per_level():
+            end = start + width
+            self._levels.append((parents[start:end] - above, ranks[start:end]))
+            above, start = start, end
         # acceptance per node given its parent; the prior is the rank prior's ratio
         prior = [1.0] + [rank_prior(p) / rank_prior(p[:-1]) for p in t.paths]
         self.stats = NodeStats(prior, t.parents(), self.device)
         self._parent_idx = parents.clamp(min=0)
+        self._depth_m1 = self.shape.depth - 1
+        self._depth_idx = self._depth_m1.clamp(min=0)  # where the target's token for each node sits
+        self._is_root = self._depth_m1 < 0
         self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor, int]] = {}
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
         self._serial = next(_SERIALS)  # names this drafter's captured steps (with the plan's serial)
@@ -154,13 +162,15 @@ class TokenRecycling(Drafter):
         return _subset(full, keep)
 
     def fill(self, root: torch.Tensor) -> torch.Tensor:
-        """The base template's tokens under ``root``: one gather per level."""
-        tokens = torch.empty(self.shape.size, dtype=torch.long, device=self.device)
-        tokens[:1] = root
+        """The base template's tokens under ``root``: three small kernels per level (the
+        parents' tokens, the flat offsets, the gather), one concatenation at the end."""
         flat = self.matrix.view(-1)
-        for nodes, parents, ranks in self._levels:
-            tokens[nodes] = flat[tokens[parents] * self.k + ranks].long()
-        return tokens
+        level = root.view(1).to(flat.dtype)
+        out = [level]
+        for parents, ranks in self._levels:
+            level = flat.index_select(0, torch.add(ranks, level.index_select(0, parents), alpha=self.k))
+            out.append(level)
+        return torch.cat(out).long()
 
     def propose(self, ctx: DraftContext) -> Draft | None:
         if self.template.size == 0:
@@ -202,13 +212,10 @@ class TokenRecycling(Drafter):
 
     def _count(self, base: torch.Tensor, emitted: torch.Tensor, n_acc: torch.Tensor) -> None:
         """Tensor code (graph-capturable): ``emitted[:n_acc + 1]`` are the step's tokens."""
-        depth = self.shape.depth
-        known = depth <= n_acc + 1  # the target's token at this depth is known this step
-        match = (base == emitted[(depth - 1).clamp(min=0).minimum(n_acc)]) & known
-        match[:1].fill_(True)  # (not match[0] = True: a Python scalar store is a host->device copy)
-        on_path = ~(self.shape.ancestors & ~match[None, :]).any(1)  # the whole path matches
-        tried = on_path[self._parent_idx] & known
-        tried[:1].fill_(False)
+        known = self._depth_m1 <= n_acc  # the target's token at this depth is known this step
+        match = ((base == emitted[self._depth_idx.minimum(n_acc)]) & known) | self._is_root
+        on_path = (self.shape.ancestors <= match[None, :]).all(1)  # every node on the path matches
+        tried = on_path[self._parent_idx] & known & ~self._is_root
         self.stats.count(tried, on_path & tried)
 
     # ------------------------------------------------------------------ whole steps on the device
