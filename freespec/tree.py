@@ -124,7 +124,9 @@ class AttachBuffer:
     structure from the tensors); ``tokens``: the extra nodes' tokens [slots]. A tree with
     fewer than ``slots`` nodes is padded by repeating its last node (same parent, same token:
     the target computes the same thing there, so nothing downstream can tell the copies apart).
-    Loading is two host->device copies, asynchronous from pinned memory on CUDA.
+    Loading is two host->device copies, asynchronous from pinned memory on CUDA, then the
+    base's rows copied from ``base`` on the device: ``base`` may itself be rewritten in place
+    between loads (a plan buffer), and each load takes its current structure.
     """
 
     def __init__(self, base: TreeShape, slots: int, device: torch.device | str):
@@ -153,6 +155,7 @@ class AttachBuffer:
         parents, depth, paths, self.tokens = self._views(self._dev, n, D, m)
         self.shape = TreeShape(parents=parents, depth=depth, ancestors=self._dev_anc, paths=paths,
                                max_depth=D, parents_list=placeholder.parents_list)
+        self.base = base
         self.loaded = 0  # real nodes in the last load (the rest are copies)
 
     @staticmethod
@@ -188,6 +191,13 @@ class AttachBuffer:
         self.loaded = k
         self._dev.copy_(self._host, non_blocking=True)
         self._dev_anc.copy_(self._host_anc, non_blocking=True)
+        # the base's rows from the base itself (the attached rows only ever refer to its root,
+        # whose row is the same in every tree)
+        b, s = self.base, self.shape
+        s.parents[:P].copy_(b.parents)
+        s.depth[:P].copy_(b.depth)
+        s.paths[:P, : b.paths.shape[1]].copy_(b.paths)
+        s.ancestors[:P, :P].copy_(b.ancestors)
 
 
 # --------------------------------------------------------------------------- templates

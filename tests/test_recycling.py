@@ -78,3 +78,22 @@ def test_top_k_ids_finds_the_top_k():
             got = x.gather(1, ids)
             want = x.topk(8, dim=-1).values
             assert torch.equal(got, want)  # the same values, largest first
+
+
+def test_plans_of_one_size_share_buffers_and_the_step_key():
+    """Device steps lay a plan into buffers kept per plan size: a new plan of a known size is
+    rewritten in place (same step key, so no new CUDA graph), with its own structure."""
+    from freespec.tree import TreeShape
+
+    tr = TokenRecycling(vocab_size=50, template="auto")
+    a = (TreeShape.from_parents([-1, 0, 1, 0]), torch.tensor([0, 1, 9, 2]), 101)
+    b = (TreeShape.from_parents([-1, 0, 0, 0]), torch.tensor([0, 1, 2, 3]), 102)
+    sa, ia, ka = tr._size_buffers(a)
+    sa_paths = sa.paths.clone()
+    sb, ib, kb = tr._size_buffers(b)
+    assert sb is sa and ib is ia and kb == ka  # the same buffers, the same key
+    assert torch.equal(sb.parents, b[0].parents) and torch.equal(sb.ancestors, b[0].ancestors)
+    assert torch.equal(sb.paths[:, :2], b[0].paths) and not sb.paths[:, 2:].any()
+    assert torch.equal(ib, b[1]) and not torch.equal(sa_paths, sb.paths)
+    sc, _, kc = tr._size_buffers((TreeShape.from_parents([-1, 0]), torch.tensor([0, 1]), 103))
+    assert sc is not sa and kc != ka  # another size: other buffers

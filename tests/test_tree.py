@@ -114,3 +114,19 @@ def test_attach_buffer_rejects_bad_trees():
         buf.load([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3])
     with pytest.raises(TreeError, match="must come after"):
         buf.load([1, 2], [-1, 1])
+
+
+def test_attach_buffer_follows_a_base_rewritten_in_place():
+    from freespec.tree import AttachBuffer
+
+    first = TreeShape.from_parents([-1, 0, 1, 1])
+    base = TreeShape.from_parents([-1, 0, 1, 1])
+    buf = AttachBuffer(base, 4, "cpu")
+    other = TreeShape.from_parents([-1, 0, 0, 2])  # a plan of the same size
+    for t in ("parents", "depth", "ancestors", "paths"):
+        getattr(base, t).copy_(getattr(other, t))
+    buf.load([7, 8], [-1, 0])
+    want = _combined(other.parents_list, [-1, 0], 4)
+    assert torch.equal(buf.shape.parents, want.parents) and torch.equal(buf.shape.ancestors, want.ancestors)
+    assert torch.equal(buf.shape.paths[:, : want.max_depth + 1], want.paths)
+    assert not torch.equal(buf.shape.parents[:4], first.parents)

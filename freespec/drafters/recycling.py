@@ -86,6 +86,7 @@ class TokenRecycling(Drafter):
         self._is_root = self._depth_m1 < 0
         self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor, int]] = {}
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
+        self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _size_buffers)
         self._serial = next(_SERIALS)  # names this drafter's captured steps (with the plan's serial)
         self._since = RECHOOSE  # steps since the last choice
         self._plan_key: tuple[int, ...] | None = None  # base nodes of the current plan (() = plain)
@@ -232,14 +233,40 @@ class TokenRecycling(Drafter):
         plan = self._next_plan(ctx)
         if plan is None:
             return None
-        shape, idx, serial = plan
+        shape, idx, serial = self._size_buffers(plan)
         self.stats.tick()
 
         def fill(root, idx=idx):
             self._dev_base = base = self.fill(root)
             return base.index_select(0, idx)
 
-        return DeviceStep((self._serial, "auto", serial), shape, fill, self._observe_auto)
+        return DeviceStep((self._serial, "auto", shape.size, serial), shape, fill, self._observe_auto)
+
+    def _size_buffers(self, plan):
+        """The plan laid into buffers kept per plan size: a captured step reads its tree
+        structure and node indices from them, so a new plan of a size seen before is a few
+        device copies, not a new CUDA graph capture per KV extent (measured on an H100: the
+        choice moved between plans of one size, and every move recaptured)."""
+        shape, idx, serial = plan
+        n = shape.size
+        got = self._by_size.get(n)
+        if got is None:
+            D = self.shape.max_depth  # the base template's depth bounds every plan's
+            paths = torch.zeros(n, D + 1, dtype=torch.long, device=self.device)
+            buf = TreeShape(parents=shape.parents.clone(), depth=shape.depth.clone(),
+                            ancestors=shape.ancestors.clone(), paths=paths, max_depth=D,
+                            parents_list=shape.parents_list)  # (parents_list: the first plan's)
+            got = self._by_size[n] = [buf, idx.clone(), None, next(_SERIALS)]
+        buf, bidx, current, bserial = got
+        if current != serial:  # rewrite in place (device-to-device copies, no sync)
+            buf.parents.copy_(shape.parents)
+            buf.depth.copy_(shape.depth)
+            buf.ancestors.copy_(shape.ancestors)
+            buf.paths.zero_()
+            buf.paths[:, : shape.max_depth + 1].copy_(shape.paths)
+            bidx.copy_(idx)
+            got[2] = serial
+        return buf, bidx, bserial
 
     def _observe_full(self, tokens, logits, verdict) -> None:
         self.update(tokens, logits)
