@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,11 @@ TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256)
 DEFAULT_MAX_LENGTH = 4096
 _SDPA_KERNELS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
                  "math": "MATH"}
-MAX_STEP_GRAPHS = 64  # whole-step graphs kept (oldest dropped first)
+# Whole-step graphs kept, the least recently replayed dropped first. Each is small (its logits
+# live in the shared pool) but costs a capture to remake: ~0.1 s. Keys multiply (drafter plans x
+# attached-tree layouts x KV extents); 64 with first-in-first-out eviction thrashed on an H100
+# bench with five drafters sharing one backend.
+MAX_STEP_GRAPHS = 256
 _PREFILL_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # eager prefill on CUDA (see prefill)
 PREFILL_BUCKETS = (64, 128, 256)  # static prefill: chunk sizes (the last chunk is padded up to one)
 _CHAIN = object()  # marks tree buffers that hold a prefill chain
@@ -474,7 +479,7 @@ class NativeBackend(Backend):
             self._cpost = self._with_fallback(_compiled(_post_attn), _post_attn)
         self._bufs: dict[int, _TreeBufs] = {}
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._steps: dict[tuple, _Graph] = {}  # whole-step graphs by (plan, tree bucket, extent)
+        self._steps: OrderedDict[tuple, _Graph] = OrderedDict()  # whole-step graphs by (plan, tree bucket, extent)
         self._root = torch.zeros(1, dtype=torch.long, device=dev)  # the next step's root token
         self._pool = None
 
@@ -809,6 +814,7 @@ class NativeBackend(Backend):
         key = (ds.key, nb, ext)
         g = self._steps.get(key)
         if g is not None:
+            self._steps.move_to_end(key)  # recently used: dropped last
             g.graph.replay()
             return g.out
         # the tree's depth / ancestors padded to the bucket (padding nodes: self only); the
@@ -824,7 +830,7 @@ class NativeBackend(Backend):
         # this step runs eagerly once (real work, and the warm-up), then is captured
         out, graph, gout = self._record(body, runs=1)
         if len(self._steps) >= MAX_STEP_GRAPHS:  # plans come and go (the cost model's choice)
-            self._steps.pop(next(iter(self._steps)))
+            self._steps.popitem(last=False)
         # the graph reads the plan's tensors (shape, node indices, held by ``ds``) at every
         # replay: keep them alive as long as the graph, whatever the drafter's caches drop
         self._steps[key] = _Graph(graph, gout, keep=(depth, anc, ds))
