@@ -35,8 +35,9 @@ def default_drafter(device) -> str:
 
     * CUDA (H100, Qwen2.5-Coder-1.5B bf16, 10 questions per category): hybrid, whose whole step
       (Token Recycling's tree filled on the device, the suffix-retrieval tree attached beside
-      it) runs as one CUDA graph replay: 2.45x over plain (MAT 3.92), against 2.05x for Token
-      Recycling with the same automatic tree (2.29x with the fixed tr80) and 1.68x for lookup.
+      it) runs as one CUDA graph replay: 2.2-2.45x over plain (MAT 3.9) over five runs, against
+      2.0-2.1x for Token Recycling with the same automatic tree (2.3x with the fixed tr80) and
+      1.7x for lookup.
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
       tree), 1.41x over plain, every category >= 1.27x; Token Recycling alone 1.23x.
 
