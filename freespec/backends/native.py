@@ -347,8 +347,9 @@ class NativeBackend(Backend):
     first use); None = on when the model is on CUDA and torch.compile can run there. With
     static shapes (graphs or compile), prefill runs in chunks of the largest bucket through the
     same forward; otherwise eagerly in chunks of ``prefill_chunk``. ``max_tree``: the largest
-    draft (nodes, root included) that ``verify`` accepts (and the static prefill's chunk). ``kv_block``: on CUDA, attention reads the cache up to
-    ``cache_len + tree bucket`` rounded up to this many slots (one graph per extent bucket).
+    draft (nodes, root included) that ``verify`` accepts (and the static prefill's chunk).
+    ``kv_block``: on CUDA, attention reads the cache up to ``cache_len + tree bucket`` rounded up
+    to this many slots (one graph per extent bucket).
 
     Building the backend fuses each layer's q/k/v and gate/up weights in place (see ``_fuse``).
     """
