@@ -33,8 +33,8 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     from .drafters import DRAFTERS
 
     p.add_argument("--drafter", default="auto", choices=["auto"] + sorted(DRAFTERS),
-                   help="draft method; 'auto' (default): the measured best for the device (recycling on "
-                        "CUDA, hybrid on a CPU); 'none' = plain decoding through the same engine")
+                   help="draft method; 'auto' (default): the measured best for the device (hybrid on "
+                        "CUDA and on a CPU); 'none' = plain decoding through the same engine")
     p.add_argument("--tree", default="auto",
                    help="draft tree: 'auto' (default: sized each step by the cost model from this device's "
                         "measured verify latency and learnt acceptance rates; may draft nothing where "

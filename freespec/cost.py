@@ -366,6 +366,7 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     ``stop_ratio`` times the plain step are not measured (no acceptance could pay them); the
     curve ends there. The backend's cache is left empty.
     """
+    from .drafters.recycling import top_k_ids
     from .tree import Draft, TreeShape
     from .verify import greedy_verify
 
@@ -395,7 +396,7 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
             def step():
                 logits = backend.verify(draft)
                 v = greedy_verify(draft, logits)
-                logits.topk(8, dim=-1)
+                top_k_ids(logits, 8)  # what Token Recycling's update computes
                 n_acc = v.n_accepted.item()
                 backend.commit(v.path, 0)  # keep nothing: the cache stays at L
                 return n_acc

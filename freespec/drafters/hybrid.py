@@ -262,20 +262,14 @@ class HybridDrafter(Drafter):
         order = order_nodes(cal.scores, cal.parents)[:cap]
         if len(order) == 0:
             return None
-        gain = self._base_gain(base_size) + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
+        base_gain = self.tr.plan_gain() if base_size > 1 else 1.0
+        gain = base_gain + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
         padded = np.array([0] + [next(m for m in slots if m >= k) for k in range(1, len(order) + 1)])
         sizes = np.minimum(base_size + padded, len(curve) - 1)
         k = int(np.argmax(gain / curve[sizes]))
         if k == 0:
             return None
         return _subset(cal, sorted(int(i) for i in order[:k]))
-
-    def _base_gain(self, base_size: int) -> float:
-        """Expected tokens from the base tree: 1 + its nodes' acceptance estimates."""
-        if base_size <= 1 or self.tr._ranked is None or not self.tr._plan_key:
-            return 1.0
-        p, _ = self.tr._ranked
-        return 1.0 + float(p[list(self.tr._plan_key)].sum())
 
     def _observe_update(self, tokens, logits, verdict) -> None:
         self.tr.update(tokens, logits)

@@ -140,6 +140,14 @@ class TokenRecycling(Drafter):
         self._plan = plan
         return k
 
+    def plan_gain(self) -> float:
+        """Expected tokens per step from the current plan: 1 + its nodes' acceptance estimates
+        at the last choice (1.0 without a cost-model plan)."""
+        if self._ranked is None or not self._plan_key:
+            return 1.0
+        p, _ = self._ranked
+        return 1.0 + float(p[list(self._plan_key)].sum())
+
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
         return self.seed_from_prompt
