@@ -322,7 +322,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def calibration_key(model, backend) -> dict:
-    """What a latency curve depends on: model, dtype, device, backend, threads, torch."""
+    """What a latency curve depends on: model, dtype, device, backend (and its weight layout),
+    threads, torch."""
     cfg = model.config
     dims = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                               "num_attention_heads", "num_key_value_heads",
@@ -332,7 +333,8 @@ def calibration_key(model, backend) -> dict:
         "dims": dims,
         "dtype": str(backend.dtype if hasattr(backend, "dtype") else model.dtype),
         "device": _device_name(backend.device),
-        "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else ""),
+        "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else "")
+        + ("+packed" if getattr(backend, "packed", False) else ""),
         "torch": torch.__version__,
     }
 

@@ -17,7 +17,7 @@ import torch
 from .backends.base import Backend
 from .drafters import Drafter, DraftContext, make_drafter
 from .tree import Draft, TreeShape
-from .verify import PositionNoise, SamplingParams, greedy_verify, sample_tokens, sample_verify
+from .verify import PositionNoise, SamplingParams, greedy_tokens, greedy_verify, sample_tokens, sample_verify
 
 
 class EngineError(ValueError):
@@ -230,7 +230,7 @@ class Engine:
         elif drafter is not None:
             drafter.begin(prompt_ids)
         if sampling.greedy:
-            root = last.argmax(-1).view(1)
+            root = greedy_tokens(last).view(1)
         else:
             root = sample_tokens(last.view(1, -1), sampling, noise.take(torch.zeros(1, dtype=torch.long, device=dev), 0))
         first = int(root.item())

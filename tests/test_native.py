@@ -248,6 +248,40 @@ def test_fusing_keeps_hf_model_and_second_backend(name):
     torch.testing.assert_close(outs[0], ref, atol=ATOL, rtol=1e-4)
 
 
+def test_cpu_weight_packing(monkeypatch):
+    """On a CPU in fp32 trees of PACK_MIN_ROWS nodes or more run over prepacked weights (the
+    same logits as the plain layout); shorter ones keep the plain layout, exactly as before."""
+    import freespec.backends.native as native
+
+    model = make("qwen2-gqa-bias-untied")
+    packed = NativeBackend(model)
+    if not packed.packed:
+        pytest.skip(f"no weight packing here: {packed.pack_skip_reason}")
+    plain = NativeBackend(model, pack_weights=False)
+    assert not plain.packed and plain.pack_skip_reason == "pack_weights=False"
+    calls = []
+    real = native._packed_linear
+    monkeypatch.setattr(native, "_packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    prefix = rand_ids(40, seed=8)
+    for tmpl in ("tr4", "tr16", "chain2"):
+        shape = shape_of(tmpl)
+        tokens = rand_ids(shape.size, seed=9)
+        outs = []
+        for be in (packed, plain):
+            be.reset()
+            be.prefill(prefix)
+            calls.clear()
+            outs.append(be.verify(Draft(tokens, shape)))
+            used = bool(calls)
+            assert used == (be is packed and shape.size >= native.PACK_MIN_ROWS), (tmpl, be.packed, calls)
+        if shape.size >= native.PACK_MIN_ROWS:
+            torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
+        else:
+            assert torch.equal(outs[0], outs[1])
+    half = NativeBackend(make("llama-gqa-tied").to(torch.bfloat16))
+    assert not half.packed and "float32" in half.pack_skip_reason
+
+
 def test_fusing_under_inference_mode_keeps_normal_parameters():
     model = make("llama-gqa-tied")
     with torch.inference_mode():

@@ -1,9 +1,10 @@
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freespec.tree import Draft, TreeShape
-from freespec.verify import SamplingError, SamplingParams, greedy_verify, walk
-
-import pytest
+from freespec.verify import SamplingError, SamplingParams, greedy_tokens, greedy_verify, walk
 
 
 def _onehot_logits(targets, vocab=10):
@@ -56,3 +57,13 @@ def test_dedupe_prefers_first_sibling():
 def test_bad_sampling_params(kw):
     with pytest.raises(SamplingError):
         SamplingParams(**kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 300), st.integers(0, 2**31 - 1), st.integers(1, 4))
+def test_greedy_tokens_is_argmax_with_ties(rows, vocab, seed, levels):
+    # few distinct values: many exact ties, which must resolve to the first index as argmax does
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, vocab), generator=g).float()
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits.bfloat16()), logits.bfloat16().argmax(-1))
