@@ -43,6 +43,9 @@ MARGIN = 0.03
 
 
 # --------------------------------------------------------------------------- latency
+CACHE_STEP = 32  # LatencyModel.curve: cache lengths this close share one curve
+
+
 @dataclass
 class LatencyModel:
     """Seconds per verification step by tree size (nodes, root included) and cache length.
@@ -71,8 +74,11 @@ class LatencyModel:
         return self.sizes[-1]
 
     def curve(self, cache_len: int = 0) -> np.ndarray:
-        """``c[n]`` = seconds for a step of ``n`` nodes, ``n = 1 .. max_size`` (``c[0]`` unused)."""
-        L = float(max(0, int(cache_len)))
+        """``c[n]`` = seconds for a step of ``n`` nodes, ``n = 1 .. max_size`` (``c[0]`` unused).
+
+        The cache length is taken to a multiple of ``CACHE_STEP`` tokens (the engine asks at
+        every step, and the cache grows by a few tokens a step: one curve serves several)."""
+        L = float(max(0, int(cache_len)) // CACHE_STEP * CACHE_STEP)
         c = self._cache.get(L)
         if c is not None:
             return c
@@ -357,18 +363,41 @@ def _sizes_for(backend) -> tuple[list[int], bool]:
     return [s for s in DEFAULT_SIZES_CPU if s <= max_tree], False
 
 
+def calibration_template(n: int):
+    """A template of ``n`` draft nodes shaped like the trees drafters verify: Token Recycling's
+    ``tr160`` cut to its ``n`` likeliest nodes (depth <= 7), beyond that a bushy tree of at most
+    64 nodes a level. (A chain of ``n`` nodes would time a walk and a KV compaction ``n`` deep,
+    which no real tree has: on an H100 that overstated a 96-node step by ~5%.)"""
+    from .tree import build_template, get_template
+
+    base = get_template("tr160")
+    if n <= base.size:
+        return base.subtree(n, name=f"tr160[{n}]")
+    widths, prev, left = [], 1, n
+    while left > 0:
+        w = min(left, 8 * prev, 64)
+        widths.append(w)
+        left -= w
+        prev = w
+    return build_template(f"bushy{n}", widths)
+
+
 @torch.inference_mode()
 def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[int] | None = None,
               repeats: int | None = None, stop_ratio: float = 6.0,
               progress: Callable[[str], None] | None = None) -> LatencyModel:
-    """Time a verification step for each tree size at a few cache lengths (median of ``repeats``).
+    """Time a speculative step for each tree size at a few cache lengths (median of ``repeats``).
 
     A step here is what every speculative step pays whatever the drafter: the forward over
-    the tree, the greedy walk, and the top-k of all logits. Sizes whose step exceeds
-    ``stop_ratio`` times the plain step are not measured (no acceptance could pay them); the
-    curve ends there. The backend's cache is left empty.
+    the tree, the greedy walk, keeping the accepted path's KV, and the top-k of all logits that
+    Token Recycling's update computes. Where the backend runs whole steps on the device
+    (``captures_steps``: CUDA graphs), that is what is timed, with a Token Recycling tree of
+    each size, exactly as the engine runs it; elsewhere verify, walk, top-k and commit. Sizes
+    whose step exceeds ``stop_ratio`` times the plain step are not measured (no acceptance
+    could pay them); the curve ends there. The backend's cache is left empty.
     """
-    from .drafters.recycling import top_k_ids
+    from .drafters.base import DraftContext
+    from .drafters.recycling import TokenRecycling, top_k_ids
     from .tree import Draft, TreeShape
     from .verify import greedy_verify
 
@@ -380,28 +409,48 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     sizes = [s for s in sizes if s <= max(1, max_len // 2)]
     if cache_lens is None:
         cache_lens = (256, 2048) if dev.type == "cuda" else (256, 1024)
-    cache_lens = sorted({max(1, min(int(L), max_len - sizes[-1] - 1)) for L in cache_lens})
     reps = int(repeats or (7 if dev.type == "cuda" else 5))
+    whole = bool(getattr(backend, "captures_steps", False))
+    # whole steps keep what they accept (1+ tokens a step): leave room for the cache to grow
+    grow = (reps + 1) * (sizes[-1] if whole else 0)
+    cache_lens = sorted({max(1, min(int(L), max_len - sizes[-1] - 1 - grow)) for L in cache_lens})
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     vocab = int(backend.vocab_size)
     table: list[list[float]] = []
     measured = sizes
+    owners: set = set()
     for L in cache_lens:
+        prompt = torch.randint(0, vocab, (L,), generator=gen).to(dev)
         backend.reset()
-        backend.prefill(torch.randint(0, vocab, (L,), generator=gen).to(dev))
+        backend.prefill(prompt)
         row: list[float] = []
         for n in measured:
-            shape = TreeShape.from_parents([-1] + list(range(n - 1)), dev)
-            draft = Draft(torch.randint(0, vocab, (n,), generator=gen).to(dev), shape)
+            tmpl = calibration_template(n - 1)
+            if whole:  # each size starts at a cache of L (whole steps keep what they accept)
+                backend.reset()
+                backend.prefill(prompt)
+            if whole and n > 1:
+                tr = TokenRecycling(vocab, template=tmpl, device=dev)
+                owners.add(tr.step_owner)
+                ctx = DraftContext(tokens=[0], root=None, prompt_len=1, budget=max_len, latency=None)
+                backend.set_root(torch.randint(0, vocab, (1,), generator=gen).to(dev))
 
-            def step():
-                logits = backend.verify(draft)
-                v = greedy_verify(draft, logits)
-                top_k_ids(logits, 8)  # what Token Recycling's update computes
-                n_acc = v.n_accepted.item()
-                backend.commit(v.path, 0)  # keep nothing: the cache stays at L
-                return n_acc
+                def step(tr=tr, ctx=ctx):
+                    host = backend.step(tr.device_step(ctx)).tolist()  # the one sync
+                    backend.advance(host[0] + 1)
+                    return host[0]
+            else:
+                shape = TreeShape.from_parents(tmpl.parents(), dev)
+                draft = Draft(torch.randint(0, vocab, (n,), generator=gen).to(dev), shape)
+
+                def step(draft=draft):
+                    logits = backend.verify(draft)
+                    v = greedy_verify(draft, logits)
+                    top_k_ids(logits, 8)  # what Token Recycling's update computes
+                    n_acc = v.n_accepted.item()
+                    backend.commit(v.path, 0)  # keep nothing: the cache stays at L
+                    return n_acc
 
             step()  # warm-up (and graph capture where there are graphs)
             ts = []
@@ -421,6 +470,9 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
         row = np.minimum.accumulate(np.asarray(row)[::-1])[::-1].tolist()
         table.append(row)
     backend.reset()
+    drop = getattr(backend, "drop_steps", None)
+    if drop is not None:  # the calibration's captured steps are never replayed again
+        drop(owners)
     k = min(len(r) for r in table)
     return LatencyModel(list(measured[:k]), list(cache_lens), [r[:k] for r in table], bucketed)
 

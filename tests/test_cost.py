@@ -62,11 +62,12 @@ def test_choice_maximises_tokens_per_second():
 
 
 def test_latency_curve_interpolates_and_round_trips(tmp_path):
-    lm = LatencyModel([1, 4, 8], [100, 1100], [[0.010, 0.016, 0.024], [0.020, 0.026, 0.034]])
-    assert lm(1, 100) == pytest.approx(0.010)
-    assert lm(2, 100) == pytest.approx(0.012)  # linear between sizes
-    assert lm(1, 600) == pytest.approx(0.015, rel=0.05)  # linear in the cache length
-    assert lm(8, 2100) > lm(8, 1100)  # extrapolated beyond
+    lm = LatencyModel([1, 4, 8], [128, 1152], [[0.010, 0.016, 0.024], [0.020, 0.026, 0.034]])
+    assert lm(1, 128) == pytest.approx(0.010)
+    assert lm(2, 128) == pytest.approx(0.012)  # linear between sizes
+    assert lm(1, 640) == pytest.approx(0.015)  # linear in the cache length
+    assert lm(1, 640 + 31) == lm(1, 640)  # lengths within CACHE_STEP share a curve
+    assert lm(8, 2100) > lm(8, 1152)  # extrapolated beyond
     with pytest.raises(ValueError):
         lm(9, 100)
     b = LatencyModel([1, 4, 8], [0], [[0.010, 0.016, 0.024]], bucketed=True)
@@ -224,3 +225,33 @@ def test_calibration_is_monotone_in_tree_size(monkeypatch):
     monkeypatch.setattr(cost.np, "median", lambda ts: next(fake))
     lm = calibrate(be, sizes=[1, 2, 4, 8], cache_lens=[16], repeats=1, stop_ratio=math.inf)
     assert lm.seconds[0] == [1.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 63, 80, 160, 161, 200, 255])
+def test_calibration_trees_are_shaped_like_real_ones(n):
+    from freespec.cost import calibration_template
+
+    t = calibration_template(n)
+    assert t.size == n
+    assert t.max_rank <= 8  # Token Recycling's k can fill it
+    assert max((len(p) for p in t.paths), default=0) <= 7  # not a chain
+
+
+def test_calibrate_whole_device_steps(monkeypatch):
+    """A backend that runs whole steps on the device is timed through them (a Token Recycling
+    step of each size, as the engine runs it); the cache is left empty and the calibration's
+    steps are dropped from the backend afterwards."""
+    from freespec.backends.native import NativeBackend
+
+    model = tiny_model("llama", seed=1)
+    be = NativeBackend(model, max_length=256, device_steps=True)
+    taken, dropped = [], []
+    real_step = be.step
+    monkeypatch.setattr(be, "step", lambda ds: taken.append(ds.shape.size) or real_step(ds))
+    monkeypatch.setattr(be, "drop_steps", lambda owners: dropped.append(set(owners)) or 0)
+    lm = calibrate(be, sizes=[1, 2, 4, 8], cache_lens=[16, 40], repeats=2, stop_ratio=math.inf)
+    assert lm.sizes == [1, 2, 4, 8] and len(lm.seconds) == 2
+    assert all(s > 0 for r in lm.seconds for s in r)
+    assert sorted(set(taken)) == [2, 4, 8]  # one node: the engine's plain step (verify), not a device step
+    assert be.cache_len == 0
+    assert len(dropped) == 1 and len(dropped[0]) == 6  # one drafter per (cache length, size > 1)

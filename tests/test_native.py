@@ -793,3 +793,12 @@ def test_device_step_reads_nothing_back(drafter, template):
         assert dr.used["attached"] > 0  # the retrieval tree rode along
     with pytest.raises(AssertionError, match="host read"), _NoHostReads():
         torch.tensor([1, 2]).nonzero()  # the guard itself works
+
+
+def test_drop_steps_by_owner():
+    be = NativeBackend(make("llama-gqa-tied"))
+    be._steps[((5, "full", "tr8"), 16, 512)] = object()
+    be._steps[((5, "auto", 9, 3), 16, 1024)] = object()
+    be._steps[(("hybrid", 5, 2), 32, 512)] = object()
+    assert be.drop_steps({5}) == 2
+    assert list(be._steps) == [(("hybrid", 5, 2), 32, 512)]

@@ -854,6 +854,15 @@ class NativeBackend(Backend):
         self._steps.clear()
         self._pool = None
 
+    def drop_steps(self, owners) -> int:
+        """Drop the captured steps whose plan key (``DeviceStep.key``, a tuple) starts with one
+        of ``owners`` (e.g. a drafter that is gone); returns how many."""
+        owners = set(owners)
+        gone = [k for k in self._steps if isinstance(k[0], tuple) and k[0][:1] and k[0][0] in owners]
+        for k in gone:
+            del self._steps[k]
+        return len(gone)
+
     # ------------------------------------------------------------------ whole steps on the device
     @property
     def captures_steps(self) -> bool:

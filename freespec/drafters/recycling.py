@@ -98,6 +98,11 @@ class TokenRecycling(Drafter):
     def wants_latency(self) -> bool:  # type: ignore[override]
         return self.auto
 
+    @property
+    def step_owner(self) -> int:
+        """The first element of every ``DeviceStep.key`` this drafter makes (see ``drop_steps``)."""
+        return self._serial
+
     def probs(self) -> np.ndarray:
         """Estimated P(accepted) of every base node (root = 1)."""
         return self.stats.path_probs()
