@@ -202,6 +202,11 @@ class NodeStats:
         self.tries = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.hits = torch.zeros(n, dtype=torch.float32, device=self.device)
         self._pending = 0  # steps whose decay is not applied yet
+        # nodes by depth (parents precede children): path_probs multiplies level by level
+        depth = np.zeros(n, dtype=np.int64)
+        for i in range(1, n):
+            depth[i] = depth[self.parents[i]] + 1
+        self._levels = [np.flatnonzero(depth == d) for d in range(1, int(depth.max(initial=0)) + 1)]
 
     def update(self, tried: torch.Tensor, hit: torch.Tensor) -> None:
         """``tried``/``hit``: [n] bool: the node's parent was accepted / the node was."""
@@ -213,9 +218,9 @@ class NodeStats:
         self.tries += tried
         self.hits += hit
 
-    def tick(self) -> None:
-        """The host half of ``update``: one more step whose decay is pending."""
-        self._pending += 1
+    def tick(self, steps: int = 1) -> None:
+        """The host half of ``update``: ``steps`` more steps whose decay is pending."""
+        self._pending += steps
 
     def conditional(self) -> np.ndarray:
         """Estimated P(node accepted | parent accepted); reads the counts back (one small copy)."""
@@ -224,18 +229,16 @@ class NodeStats:
             self.tries.mul_(f)
             self.hits.mul_(f)
             self._pending = 0
-        t = self.tries.double().cpu().numpy()
-        h = self.hits.double().cpu().numpy()
+        t, h = torch.stack((self.tries, self.hits)).double().cpu().numpy()
         m = self.strength
         return (h + m * self.prior) / (t + m)
 
     def path_probs(self) -> np.ndarray:
         """P(node accepted) = product of conditionals from the root; index 0 (the root) = 1."""
-        q = self.conditional()
-        p = np.empty_like(q)
+        p = self.conditional()
         p[0] = 1.0
-        for i in range(1, len(q)):  # parents precede children
-            p[i] = p[self.parents[i]] * q[i]
+        for nodes in self._levels:  # a level's parents are all final before it
+            p[nodes] *= p[self.parents[nodes]]
         return p
 
     def state_dict(self) -> dict:

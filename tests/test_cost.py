@@ -255,3 +255,24 @@ def test_calibrate_whole_device_steps(monkeypatch):
     assert sorted(set(taken)) == [2, 4, 8]  # one node: the engine's plain step (verify), not a device step
     assert be.cache_len == 0
     assert len(dropped) == 1 and len(dropped[0]) == 6  # one drafter per (cache length, size > 1)
+
+
+def test_path_probs_multiply_conditionals_along_paths():
+    from freespec.tree import get_template
+
+    t = get_template("tr160")
+    parents = t.parents()
+    prior = np.random.default_rng(0).uniform(0.05, 0.9, len(parents))
+    stats = NodeStats(prior, parents, "cpu")
+    g = torch.Generator().manual_seed(1)
+    tried = torch.rand(len(parents), generator=g) < 0.7
+    stats.update(tried, tried & (torch.rand(len(parents), generator=g) < 0.4))
+    q = stats.conditional()
+    p = stats.path_probs()
+    for i in range(1, len(parents)):
+        want, j = 1.0, i
+        while j > 0:
+            want *= q[j]
+            j = parents[j]
+        assert p[i] == pytest.approx(want, rel=1e-12)
+    assert p[0] == 1.0

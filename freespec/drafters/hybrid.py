@@ -30,6 +30,7 @@ costs one verified token, nothing else. The retrieval tree is cut by the cost mo
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
@@ -111,6 +112,10 @@ class HybridDrafter(Drafter):
         self._attach: dict[tuple, tuple[AttachBuffer, int]] = {}  # device steps: (buffer, serial) by (plan, slots)
         self._serial = next(_SERIALS)  # names this drafter's captured steps (never reused, unlike id())
         self._root_shape = TreeShape.from_parents([-1], self.device)
+        # host seconds to load an attached tree (moving average): a cost the latency curve,
+        # which times device steps, does not hold (measured on an H100 host: ~0.15 ms, ~5% of
+        # a step, so an attached tree must promise that much more to be worth it)
+        self._load_cost = 0.0
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -234,7 +239,9 @@ class HybridDrafter(Drafter):
                 self._attach.clear()
             got = self._attach[key] = (AttachBuffer(base, m, self.device), next(_SERIALS))
         buf, serial = got
+        t = time.perf_counter()
         buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]])
+        self._load_cost += 0.1 * (time.perf_counter() - t - self._load_cost)
         self.used["attached" if tr is not None else "retrieval"] += 1
         head = tr.fill if tr is not None else _root_only
         observe = tr.observe if tr is not None else self._observe_update
@@ -266,7 +273,8 @@ class HybridDrafter(Drafter):
         gain = base_gain + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
         padded = np.array([0] + [next(m for m in slots if m >= k) for k in range(1, len(order) + 1)])
         sizes = np.minimum(base_size + padded, len(curve) - 1)
-        k = int(np.argmax(gain / curve[sizes]))
+        cost = curve[sizes] + np.where(padded > 0, self._load_cost, 0.0)
+        k = int(np.argmax(gain / cost))
         if k == 0:
             return None
         return _subset(cal, sorted(int(i) for i in order[:k]))
