@@ -313,6 +313,9 @@ def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Seque
 
 
 # --------------------------------------------------------------------------- calibration
+# What a calibration times (part of the cache key: a curve measured another way is stale).
+# 2: trees shaped like real ones; whole device steps where the backend runs them.
+CALIBRATION_METHOD = 2
 DEFAULT_SIZES_CPU = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
@@ -345,6 +348,7 @@ def calibration_key(model, backend) -> dict:
         "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else "")
         + ("+packed" if getattr(backend, "packed", False) else ""),
         "torch": torch.__version__,
+        "method": CALIBRATION_METHOD,
     }
 
 
