@@ -374,7 +374,8 @@ def calibration_template(n: int):
     """A template of ``n`` draft nodes shaped like the trees drafters verify: Token Recycling's
     ``tr160`` cut to its ``n`` likeliest nodes (depth <= 7), beyond that a bushy tree of at most
     64 nodes a level. (A chain of ``n`` nodes would time a walk and a KV compaction ``n`` deep,
-    which no real tree has: on an H100 that overstated a 96-node step by ~5%.)"""
+    which no real tree has: on an H100 chains put the 96-node bucket 7% above the 64-node one,
+    these trees 0-5%.)"""
     from .tree import build_template, get_template
 
     base = get_template("tr160")

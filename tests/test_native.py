@@ -280,6 +280,11 @@ def test_cpu_weight_packing(monkeypatch):
             assert torch.equal(outs[0], outs[1])
     half = NativeBackend(make("llama-gqa-tied").to(torch.bfloat16))
     assert not half.packed and "float32" in half.pack_skip_reason
+    # a second copy of the weights must fit comfortably in memory (unless asked for)
+    monkeypatch.setattr(native, "_physical_memory", lambda: 1000)
+    small = NativeBackend(model)
+    assert not small.packed and "memory" in small.pack_skip_reason
+    assert NativeBackend(model, pack_weights=True).packed
 
 
 def test_fusing_under_inference_mode_keeps_normal_parameters():

@@ -2,8 +2,9 @@
 
 Why: the HF forward costs a lot of Python and mask building per call, and its dynamic cache
 cannot be captured in a CUDA graph. This backend runs the same math on the model's *own*
-weight tensors (referenced, never copied; each layer's q/k/v and gate/up weights are fused
-into one tensor that the HF parameters are re-pointed into, so one GEMM does each) with:
+weight tensors (referenced, not copied but for the CPU's packed copy below; each layer's q/k/v
+and gate/up weights are fused into one tensor that the HF parameters are re-pointed into, so one
+GEMM does each) with:
 
 * one preallocated static KV cache for all layers, ``kv[layer, k|v, kv_head, slot, head_dim]``,
   so keeping the accepted path after verification is one gather + one scatter over all layers;
@@ -14,7 +15,10 @@ into one tensor that the HF parameters are re-pointed into, so one GEMM does eac
   graphs: the prompt in chunks of the largest bucket, each verified as a chain;
 * on CUDA, the per-layer work around attention (norms, projections, rope, residuals, SiLU)
   runs through torch.compile, which fuses its pointwise parts: about half the kernels of the
-  eager layer, which is what a small model's decode step is bound by, even inside a graph.
+  eager layer, which is what a small model's decode step is bound by, even inside a graph;
+* on a CPU in float32, a second copy of the linear weights in oneDNN's packed layout for trees
+  of ``PACK_MIN_ROWS`` or more nodes (the plain layout's GEMM repacks the weight at every call
+  there); skipped where that copy would take more than a quarter of the machine's memory.
 
 Supported: ``llama`` (SmolLM2, Llama 2/3 incl. llama3 rope scaling), ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k head norms), ``mistral`` (within its sliding window). Anything else raises
@@ -32,6 +36,7 @@ kernel that takes an additive mask can run it.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -250,6 +255,17 @@ def _packing_unavailable(device: torch.device, dtype: torch.dtype) -> str | None
     if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
         return "this torch build lacks oneDNN's packed linear ops"
     return None
+
+
+PACK_MEMORY_SHARE = 0.25  # pack only weights up to this share of the machine's memory (a second copy)
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -532,6 +548,13 @@ class NativeBackend(Backend):
             why = "compiled layers take the plain weight layout"
         else:
             why = _packing_unavailable(self.device, self.dtype)
+        if why is None:
+            need = sum(t.numel() * t.element_size() for layer in self._layers
+                       for t in (layer.wqkv, layer.wo, layer.wgu, layer.wd)) + self._head.numel() * self._head.element_size()
+            mem = _physical_memory()
+            if mem is not None and need > PACK_MEMORY_SHARE * mem and want is None:
+                why = (f"a packed copy of the weights ({need / 2**30:.1f} GiB) would exceed "
+                       f"{PACK_MEMORY_SHARE:.0%} of this machine's memory (pack_weights=True forces it)")
         if why is None:
             try:
                 with torch.no_grad():
