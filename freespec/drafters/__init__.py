@@ -39,7 +39,8 @@ def default_drafter(device) -> str:
       2.0-2.1x for Token Recycling with the same automatic tree (2.3x with the fixed tr80) and
       1.7x for lookup.
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
-      tree), 1.41x over plain, every category >= 1.27x; Token Recycling alone 1.23x.
+      tree), 1.49-1.50x over plain (suffix alone 1.50-1.51x, the same within noise), every
+      category >= 1.35x; Token Recycling alone 1.23x.
 
     The same drafter on both today; the device stays an argument because the answer is a
     measurement per device, not a constant.

@@ -271,7 +271,8 @@ class HybridDrafter(Drafter):
             return None
         base_gain = self.tr.plan_gain() if base_size > 1 else 1.0
         gain = base_gain + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
-        padded = np.array([0] + [next(m for m in slots if m >= k) for k in range(1, len(order) + 1)])
+        lay = np.asarray(slots)  # each count of nodes padded up to the layout that holds it
+        padded = np.concatenate(([0], lay[np.searchsorted(lay, np.arange(1, len(order) + 1))]))
         sizes = np.minimum(base_size + padded, len(curve) - 1)
         cost = curve[sizes] + np.where(padded > 0, self._load_cost, 0.0)
         k = int(np.argmax(gain / cost))
