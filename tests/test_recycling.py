@@ -82,18 +82,24 @@ def test_top_k_ids_finds_the_top_k():
 
 def test_plans_of_one_size_share_buffers_and_the_step_key():
     """Device steps lay a plan into buffers kept per plan size: a new plan of a known size is
-    rewritten in place (same step key, so no new CUDA graph), with its own structure."""
+    rewritten in place (the same step, same key, so no new CUDA graph), with its own structure,
+    and the step's fill reads the plan's nodes afresh."""
     from freespec.tree import TreeShape
 
     tr = TokenRecycling(vocab_size=50, template="auto")
+    tr.matrix.copy_(torch.randint(0, 50, tr.matrix.shape, generator=torch.Generator().manual_seed(0)))
     a = (TreeShape.from_parents([-1, 0, 1, 0]), torch.tensor([0, 1, 9, 2]), 101)
     b = (TreeShape.from_parents([-1, 0, 0, 0]), torch.tensor([0, 1, 2, 3]), 102)
-    sa, ia, ka = tr._size_buffers(a)
-    sa_paths = sa.paths.clone()
-    sb, ib, kb = tr._size_buffers(b)
-    assert sb is sa and ib is ia and kb == ka  # the same buffers, the same key
+    root = torch.tensor([7])
+    da = tr._plan_step(a)
+    sa_paths = da.shape.paths.clone()
+    assert torch.equal(da.fill(root), tr.fill(root)[a[1]])
+    db = tr._plan_step(b)
+    assert db is da  # the same step object: the same buffers, the same key
+    sb = db.shape
     assert torch.equal(sb.parents, b[0].parents) and torch.equal(sb.ancestors, b[0].ancestors)
     assert torch.equal(sb.paths[:, :2], b[0].paths) and not sb.paths[:, 2:].any()
-    assert torch.equal(ib, b[1]) and not torch.equal(sa_paths, sb.paths)
-    sc, _, kc = tr._size_buffers((TreeShape.from_parents([-1, 0]), torch.tensor([0, 1]), 103))
-    assert sc is not sa and kc != ka  # another size: other buffers
+    assert not torch.equal(sa_paths, sb.paths)
+    assert torch.equal(db.fill(root), tr.fill(root)[b[1]])
+    dc = tr._plan_step((TreeShape.from_parents([-1, 0]), torch.tensor([0, 1]), 103))
+    assert dc.shape is not sb and dc.key != da.key  # another size: other buffers, another step

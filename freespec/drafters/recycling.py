@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..backends.base import DeviceStep
+from ..backends.replay import Replay
 from ..cost import NodeStats, choose_size, order_nodes
 from ..tree import Draft, TreeShape, TreeTemplate, get_template, rank_prior
 from .base import DraftContext, Drafter
@@ -38,10 +40,13 @@ AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
 # where a step is ~3.3 ms; every 8 steps it cost ~3% of the time.
 RECHOOSE = 32
 HYSTERESIS = 0.02  # a new plan must promise this much more speed than the current one
-# Acceptance is counted on one step in this many (on the device, the others skip the ~15 small
-# kernels of the count: measured on an H100, the automatic tree's step cost ~0.05 ms more than a
-# fixed tree's of the same size, ~1.5%). Evidence decays per step all the same.
+# Acceptance is counted on one step in this many, after the step, from the base tree it filled
+# (the count is ~15 small kernels: in every step it cost ~0.05 ms on an H100, ~1.5%; as a
+# variant of the captured step it doubled the step's CUDA graph captures). Evidence decays per
+# step all the same.
 LEARN_EVERY = 4
+# Counted steps at which the realized gain by rank weighs as much as the per-node estimates.
+REALIZED_PRIOR = 16.0
 _SERIALS = itertools.count()  # unique names for drafters and plans (never reused, unlike id())
 
 
@@ -66,6 +71,9 @@ class TokenRecycling(Drafter):
     # ------------------------------------------------------------------ template
     def set_template(self, template: str | int | TreeTemplate) -> None:
         self.auto = isinstance(template, str) and template.strip() == AUTO
+        # a new template is new buffers: new step keys (a captured step reads the buffers it
+        # was captured with)
+        self._serial = next(_SERIALS)
         t = get_template(AUTO_BASE if self.auto else template)
         levelled = tuple(sorted(t.paths, key=lambda p: (len(p), p)))  # fill() goes level by level
         if levelled != t.paths:
@@ -93,14 +101,38 @@ class TokenRecycling(Drafter):
         self._is_root = self._depth_m1 < 0
         self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor, int]] = {}
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
-        self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _size_buffers)
-        self._serial = next(_SERIALS)  # names this drafter's captured steps (with the plan's serial)
+        self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _plan_step)
+        self._full_step: DeviceStep | None = None  # device step of a fixed template
         self._since = RECHOOSE  # steps since the last choice
         self._clock = 0  # steps taken (every LEARN_EVERY-th one counts acceptance)
+        self._planned = None  # the DraftContext whose plan device_step chose (see propose)
         self._plan_key: tuple[int, ...] | None = None  # base nodes of the current plan (() = plain)
-        self._base: torch.Tensor | None = None  # the last full base tree's tokens
+        self._base: torch.Tensor | None = None  # the last full base tree's tokens (host steps)
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
         self.chosen_sizes: dict[int, int] = {}  # draft nodes -> steps (for reports)
+        # The acceptance count reads fixed buffers (one CUDA graph replay on a GPU): the base
+        # tree the step filled (``fill`` writes it) and [n_accepted, emitted...] of the step
+        # (copied from the host), cut to the base's depth, all the count looks at.
+        dev = self.device
+        self._seen = torch.zeros(self.shape.size, dtype=torch.int32, device=dev)
+        D = self.shape.max_depth
+        self._seen_host = torch.zeros(D + 1, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._seen_np = self._seen_host.numpy()
+        self._seen_out = self._seen_host if dev.type == "cpu" else self._seen_host.to(dev)
+        self._counter = Replay(self._count_seen, dev)
+        # Realized gain by rank: _realized[k] = nodes accepted among the k best-ranked nodes of
+        # the last choice's order (ranks fixed before the outcome, so no winner's curse: the
+        # per-node estimates overrate the nodes they rank first and underrate the next ones,
+        # and the size choice rests on that margin), decayed sums over counted steps.
+        n = self.shape.size
+        self._rank_of = torch.arange(n, device=dev)  # each base node's rank (root 0)
+        self._realized = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
+        self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
+        self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
+        # maps the engine's latency curve to the one this drafter's plan pays and the tokens a
+        # step gains besides the plan's (a drafter that adds nodes to the plan sets it)
+        self.plan_cost: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None
 
     @property
     def wants_latency(self) -> bool:  # type: ignore[override]
@@ -122,18 +154,26 @@ class TokenRecycling(Drafter):
             k = min(get_template(default_template(self.device)).size, n_base, budget)
             order = np.arange(1, k + 1)
         else:
+            extra = 0.0
+            if self.plan_cost is not None:
+                curve, extra = self.plan_cost(curve)
             p = self.probs()
             order = order_nodes(p, self.stats.parents)
             self._ranked = (p, order)
-            k = choose_size(p[order], curve, max_nodes=min(budget, n_base))
+            gain = self._blended_gain(p[order])
+            self._gain = gain
+            k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), base_gain=1.0 + extra)
+            rank = np.zeros(n_base + 1, dtype=np.int64)
+            rank[order] = np.arange(1, n_base + 1)
+            self._rank_of.copy_(torch.from_numpy(rank))
             # Hysteresis: keep the current plan unless the new one is predicted clearly faster
             # (each new plan costs a CUDA graph capture; estimates wobble from step to step).
             cur = self._plan_key
             if cur is not None and len(cur) <= min(budget, n_base):
-                def rate(nodes):
-                    return (1.0 + float(p[list(nodes)].sum())) / curve[len(nodes) + 1]
+                def rate(m):
+                    return (1.0 + extra + gain[m]) / curve[m + 1]
 
-                if rate(order[:k]) < rate(cur) * (1.0 + HYSTERESIS):
+                if rate(k) < rate(len(cur)) * (1.0 + HYSTERESIS):
                     return len(cur)
         if k == 0:
             self._plan, self._plan_key = None, ()
@@ -153,13 +193,25 @@ class TokenRecycling(Drafter):
         self._plan = plan
         return k
 
+    def _blended_gain(self, ranked_p: np.ndarray) -> np.ndarray:
+        """Expected accepted nodes among the k best-ranked, k = 0..n: the per-node estimates'
+        running sum, pulled toward the realized counts by rank as they accumulate (weight
+        n / (n + REALIZED_PRIOR) for n counted steps)."""
+        model = np.concatenate(([0.0], np.cumsum(np.clip(ranked_p, 0.0, 1.0))))
+        both = torch.cat((self._realized, self._realized_n)).double().cpu().numpy()  # one copy
+        real, n = both[:-1], float(both[-1])
+        if n <= 0:
+            return model
+        w = n / (n + REALIZED_PRIOR)
+        real = np.maximum.accumulate(real / n)  # (a sum of non-negative counts: rounding only)
+        return w * real + (1.0 - w) * model
+
     def plan_gain(self) -> float:
-        """Expected tokens per step from the current plan: 1 + its nodes' acceptance estimates
-        at the last choice (1.0 without a cost-model plan)."""
-        if self._ranked is None or not self._plan_key:
+        """Expected tokens per step from the current plan: 1 + its nodes' expected accepted
+        count at the last choice (1.0 without a cost-model plan)."""
+        if self._gain is None or not self._plan_key:
             return 1.0
-        p, _ = self._ranked
-        return 1.0 + float(p[list(self._plan_key)].sum())
+        return 1.0 + float(self._gain[len(self._plan_key)])
 
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
@@ -185,32 +237,50 @@ class TokenRecycling(Drafter):
 
     def fill(self, root: torch.Tensor) -> torch.Tensor:
         """The base template's tokens under ``root``: three small kernels per level (the
-        parents' tokens, the flat offsets, the gather), one concatenation at the end."""
+        parents' tokens, the flat offsets, the gather), one concatenation at the end (into the
+        buffer the acceptance count reads)."""
         flat = self.matrix.view(-1)
         level = root.view(1).to(flat.dtype)
         out = [level]
         for parents, ranks in self._levels:
             level = flat.index_select(0, torch.add(ranks, level.index_select(0, parents), alpha=self.k))
             out.append(level)
-        return torch.cat(out).long()
+        return torch.cat(out, out=self._seen).long()
+
+    def fill_plain(self, root: torch.Tensor) -> torch.Tensor:
+        """A plain step's one token (the root) after filling the base tree all the same, so
+        that the automatic tree keeps learning while it drafts nothing (device steps; call
+        :meth:`filled` when handing it out)."""
+        self.fill(root)
+        return root.view(1)
+
+    def filled(self) -> None:
+        """This step fills the base tree (on the device): ``learn`` may count it."""
+        self._filled = True
 
     def propose(self, ctx: DraftContext) -> Draft | None:
         if self.template.size == 0:
             return None
         tokens = self._base = self.fill(ctx.root)
+        self._filled = True
         if not self.auto:
             if ctx.budget < self.template.size:
                 return None
             return Draft(tokens, self.shape)
-        plan = self._next_plan(ctx)
+        if self._planned is ctx:  # device_step chose (no plan) for this very step
+            self._planned = None
+            plan = self._plan
+        else:
+            plan = self._next_plan(ctx)
         if plan is None:
             return None
         return Draft(tokens.index_select(0, plan[1]), plan[0])
 
-    def _next_plan(self, ctx: DraftContext):
+    def _next_plan(self, ctx: DraftContext, budget: int | None = None):
         """The node subset for this step (re-chosen every RECHOOSE steps); None = plain."""
-        if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > ctx.budget):
-            self.choose(ctx.latency, ctx.budget)
+        budget = ctx.budget if budget is None else budget
+        if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > budget):
+            self.choose(ctx.latency, budget)
             self._since = 0
         self._since += 1
         plan = self._plan
@@ -223,15 +293,25 @@ class TokenRecycling(Drafter):
         self.learn(accepted)
 
     def learn(self, accepted: list[int]) -> None:
-        """Acceptance statistics of every base node from the tokens this step emitted."""
-        base = self._base
-        if base is None or not self.auto:
+        """Acceptance statistics of every base node from the tokens this step emitted (host
+        steps: ``observe``; device steps: ``DeviceStep.done``)."""
+        if not self._filled or not self.auto:
             return
-        self._base = None
+        self._filled = False
         if not self._learns():
             return
-        em = torch.tensor(accepted, dtype=torch.long).to(self.device, non_blocking=True)
-        self._count(base, em, torch.tensor(len(accepted) - 1, device=self.device))
+        h = self._seen_np
+        D = len(h) - 1  # the count looks no deeper than the base tree
+        m = min(len(accepted), D)
+        h[0] = min(len(accepted) - 1, D)
+        h[1 : m + 1] = accepted[:m]
+        if self._seen_out is not self._seen_host:  # pinned: asynchronous (the last count is done)
+            self._seen_out.copy_(self._seen_host, non_blocking=True)
+        self._counter()
+
+    def _count_seen(self) -> None:
+        out = self._seen_out
+        self._count(self._seen, out[1:], out[0])
 
     def _learns(self) -> bool:
         """Whether this step counts acceptance (one in LEARN_EVERY; host and device steps alike)."""
@@ -248,36 +328,41 @@ class TokenRecycling(Drafter):
         on_path = (self.shape.ancestors <= match[None, :]).all(1)  # every node on the path matches
         tried = on_path[self._parent_idx] & known & ~self._is_root
         self.stats.count(tried, on_path & tried)
+        hit = (on_path & ~self._is_root).float()  # would have been accepted, drafted or not
+        by_rank = torch.zeros_like(self._realized).scatter_(0, self._rank_of, hit)
+        f = self.stats.decay**LEARN_EVERY
+        self._realized.mul_(f).add_(by_rank.cumsum(0))
+        self._realized_n.mul_(f).add_(1.0)
 
     # ------------------------------------------------------------------ whole steps on the device
-    def device_step(self, ctx: DraftContext) -> DeviceStep | None:
+    def device_step(self, ctx: DraftContext, budget: int | None = None) -> DeviceStep | None:
         """This step as tensor code for ``Backend.step`` (one CUDA graph per plan), or None for
         a plain step. The same fill / update / statistics as ``propose`` and ``observe``.
-        ``ctx.root`` is not read (it may be None): the backend holds the root on the device."""
+        ``ctx.root`` is not read (it may be None): the backend holds the root on the device.
+        ``budget``: most draft nodes, if fewer than ``ctx.budget`` (room for other nodes)."""
         if self.template.size == 0:
             return None
         if not self.auto:
-            if ctx.budget < self.template.size:
+            if min(ctx.budget, budget if budget is not None else ctx.budget) < self.template.size:
                 return None
-            return DeviceStep((self._serial, "full", self.template.name), self.shape, self.fill, self._observe_full)
-        plan = self._next_plan(ctx)
+            if self._full_step is None:
+                self._full_step = DeviceStep((self._serial, "full", self.template.name), self.shape, self.fill,
+                                             self._observe_update)
+            return self._full_step
+        plan = self._next_plan(ctx, budget)
         if plan is None:
+            self._planned = ctx  # a host step follows: propose must not choose again
             return None
-        shape, idx, serial = self._size_buffers(plan)
-        learn = self._learns()
+        self._filled = True
+        return self._plan_step(plan)
 
-        def fill(root, idx=idx):
-            self._dev_base = base = self.fill(root)
-            return base.index_select(0, idx)
-
-        kind, observe = ("auto", self._observe_auto) if learn else ("auto-fill", self._observe_full)
-        return DeviceStep((self._serial, kind, shape.size, serial), shape, fill, observe)
-
-    def _size_buffers(self, plan):
-        """The plan laid into buffers kept per plan size: a captured step reads its tree
-        structure and node indices from them, so a new plan of a size seen before is a few
-        device copies, not a new CUDA graph capture per KV extent (measured on an H100: the
-        choice moved between plans of one size, and every move recaptured)."""
+    def _plan_step(self, plan) -> DeviceStep:
+        """The plan laid into buffers kept per plan size, and the one device step that reads
+        them: a captured step reads its tree structure and node indices from the buffers, so
+        a new plan of a size seen before is a few device copies, not a new CUDA graph capture
+        per KV extent (measured on an H100: the choice moved between plans of one size, and
+        every move recaptured). The statistics are counted after the step (``done``), so one
+        graph serves steps that count and steps that do not."""
         shape, idx, serial = plan
         n = shape.size
         got = self._by_size.get(n)
@@ -287,8 +372,15 @@ class TokenRecycling(Drafter):
             buf = TreeShape(parents=shape.parents.clone(), depth=shape.depth.clone(),
                             ancestors=shape.ancestors.clone(), paths=paths, max_depth=D,
                             parents_list=shape.parents_list)  # (parents_list: the first plan's)
-            got = self._by_size[n] = [buf, idx.clone(), None, next(_SERIALS)]
-        buf, bidx, current, bserial = got
+            bidx = idx.clone()
+
+            def fill(root, bidx=bidx):
+                return self.fill(root).index_select(0, bidx)
+
+            ds = DeviceStep((self._serial, "auto", n, next(_SERIALS)), buf, fill, self._observe_update,
+                            done=self.learn)
+            got = self._by_size[n] = [buf, bidx, None, ds]
+        buf, bidx, current, ds = got
         if current != serial:  # rewrite in place (device-to-device copies, no sync)
             buf.parents.copy_(shape.parents)
             buf.depth.copy_(shape.depth)
@@ -297,14 +389,10 @@ class TokenRecycling(Drafter):
             buf.paths[:, : shape.max_depth + 1].copy_(shape.paths)
             bidx.copy_(idx)
             got[2] = serial
-        return buf, bidx, bserial
+        return ds
 
-    def _observe_full(self, tokens, logits, verdict) -> None:
+    def _observe_update(self, tokens, logits, verdict) -> None:
         self.update(tokens, logits)
-
-    def _observe_auto(self, tokens, logits, verdict) -> None:
-        self.update(tokens, logits)
-        self._count(self._dev_base, verdict.emitted, verdict.n_accepted)
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Overwrite the rows of ``tokens`` with the top-k of their ``logits``."""
@@ -314,6 +402,8 @@ class TokenRecycling(Drafter):
     def reset(self) -> None:
         self.matrix.zero_()
         self.stats.reset()
+        self._realized.zero_()
+        self._realized_n.zero_()
         self._since = RECHOOSE
 
     def save(self, path: str | Path) -> None:
