@@ -149,11 +149,12 @@ class LatencyModel:
 
 # --------------------------------------------------------------------------- choice
 def choose_size(probs: Sequence[float] | np.ndarray, curve: np.ndarray, max_nodes: int | None = None,
-                margin: float = MARGIN) -> int:
+                margin: float = MARGIN, base_gain: float = 1.0) -> int:
     """How many of the nodes to draft (0 = plain decoding).
 
     ``probs``: acceptance probabilities of candidate nodes, sorted high to low, parents
-    before children (so every prefix is a tree); ``curve``: :meth:`LatencyModel.curve`.
+    before children (so every prefix is a tree); ``curve``: :meth:`LatencyModel.curve`;
+    ``base_gain``: tokens a step yields without these nodes (1: the target's own token).
     """
     p = np.asarray(probs, dtype=np.float64)
     k_max = min(len(p), len(curve) - 2)
@@ -161,7 +162,7 @@ def choose_size(probs: Sequence[float] | np.ndarray, curve: np.ndarray, max_node
         k_max = min(k_max, int(max_nodes))
     if k_max <= 0:
         return 0
-    gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.clip(p[:k_max], 0.0, 1.0))))
+    gain = base_gain + np.concatenate(([0.0], np.cumsum(np.clip(p[:k_max], 0.0, 1.0))))
     rate = gain / curve[1 : k_max + 2]
     k = int(np.argmax(rate))
     if k > 0 and rate[k] < rate[0] * (1.0 + margin):
@@ -287,8 +288,8 @@ class ScoreCalibrator:
         b = self._bin(scores)
         self.n *= self.decay
         self.hits *= self.decay
-        np.add.at(self.n, b, 1.0)
-        np.add.at(self.hits, b, np.asarray(accepted, dtype=np.float64))
+        self.n += np.bincount(b, minlength=self.bins)
+        self.hits += np.bincount(b, weights=np.asarray(accepted, dtype=np.float64), minlength=self.bins)
         rate = (self.hits + self.strength * self.centres) / (self.n + self.strength)
         self._map = np.maximum.accumulate(rate)
 
@@ -315,7 +316,8 @@ def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Seque
 # --------------------------------------------------------------------------- calibration
 # What a calibration times (part of the cache key: a curve measured another way is stale).
 # 2: trees shaped like real ones; whole device steps where the backend runs them.
-CALIBRATION_METHOD = 2
+# 3: sizes interleaved (one step of each per round), 15 rounds on CUDA.
+CALIBRATION_METHOD = 3
 DEFAULT_SIZES_CPU = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
@@ -400,9 +402,13 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     the tree, the greedy walk, keeping the accepted path's KV, and the top-k of all logits that
     Token Recycling's update computes. Where the backend runs whole steps on the device
     (``captures_steps``: CUDA graphs), that is what is timed, with a Token Recycling tree of
-    each size, exactly as the engine runs it; elsewhere verify, walk, top-k and commit. Sizes
-    whose step exceeds ``stop_ratio`` times the plain step are not measured (no acceptance
-    could pay them); the curve ends there. The backend's cache is left empty.
+    each size, exactly as the engine runs it; elsewhere verify, walk, top-k and commit.
+
+    The sizes are timed in rounds, one step of each size per round, so that a drift of the
+    machine (clocks, another process) hits every size alike: the choice between two sizes rests
+    on their ratio, a few percent on a GPU. A first round warms up (and captures graphs); sizes
+    whose step there exceeds ``stop_ratio`` times the plain step are not measured (no
+    acceptance could pay them): the curve ends there. The backend's cache is left empty.
     """
     from .drafters.base import DraftContext
     from .drafters.recycling import TokenRecycling, top_k_ids
@@ -417,62 +423,69 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     sizes = [s for s in sizes if s <= max(1, max_len // 2)]
     if cache_lens is None:
         cache_lens = (256, 2048) if dev.type == "cuda" else (256, 1024)
-    reps = int(repeats or (7 if dev.type == "cuda" else 5))
+    rounds = int(repeats or (15 if dev.type == "cuda" else 5))
     whole = bool(getattr(backend, "captures_steps", False))
-    # whole steps keep what they accept (1+ tokens a step): leave room for the cache to grow
-    grow = (reps + 1) * (sizes[-1] if whole else 0)
+    # whole steps keep what they accept (random drafts: about one token a step) within a round
+    grow = 4 * len(sizes) if whole else 0
     cache_lens = sorted({max(1, min(int(L), max_len - sizes[-1] - 1 - grow)) for L in cache_lens})
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     vocab = int(backend.vocab_size)
-    table: list[list[float]] = []
-    measured = sizes
     owners: set = set()
-    for L in cache_lens:
-        prompt = torch.randint(0, vocab, (L,), generator=gen).to(dev)
+
+    def make_step(n: int):
+        tmpl = calibration_template(n - 1)
+        if whole and n > 1:
+            tr = TokenRecycling(vocab, template=tmpl, device=dev)
+            owners.add(tr.step_owner)
+            ctx = DraftContext(tokens=[0], root=None, prompt_len=1, budget=max_len, latency=None)
+
+            def step(tr=tr, ctx=ctx):
+                host = backend.step(tr.device_step(ctx)).tolist()  # the one sync
+                backend.advance(host[0] + 1)
+
+            return step
+        shape = TreeShape.from_parents(tmpl.parents(), dev)
+        draft = Draft(torch.randint(0, vocab, (n,), generator=gen).to(dev), shape)
+
+        def step(draft=draft):
+            logits = backend.verify(draft)
+            v = greedy_verify(draft, logits)
+            top_k_ids(logits, 8)  # what Token Recycling's update computes
+            v.n_accepted.item()
+            backend.commit(v.path, 0)  # keep nothing: the cache stays at L
+
+        return step
+
+    def start(prompt):  # every round starts from a cache of L
         backend.reset()
         backend.prefill(prompt)
-        row: list[float] = []
-        for n in measured:
-            tmpl = calibration_template(n - 1)
-            if whole:  # each size starts at a cache of L (whole steps keep what they accept)
-                backend.reset()
-                backend.prefill(prompt)
-            if whole and n > 1:
-                tr = TokenRecycling(vocab, template=tmpl, device=dev)
-                owners.add(tr.step_owner)
-                ctx = DraftContext(tokens=[0], root=None, prompt_len=1, budget=max_len, latency=None)
-                backend.set_root(torch.randint(0, vocab, (1,), generator=gen).to(dev))
+        if whole:
+            backend.set_root(torch.randint(0, vocab, (1,), generator=gen).to(dev))
 
-                def step(tr=tr, ctx=ctx):
-                    host = backend.step(tr.device_step(ctx)).tolist()  # the one sync
-                    backend.advance(host[0] + 1)
-                    return host[0]
-            else:
-                shape = TreeShape.from_parents(tmpl.parents(), dev)
-                draft = Draft(torch.randint(0, vocab, (n,), generator=gen).to(dev), shape)
-
-                def step(draft=draft):
-                    logits = backend.verify(draft)
-                    v = greedy_verify(draft, logits)
-                    top_k_ids(logits, 8)  # what Token Recycling's update computes
-                    n_acc = v.n_accepted.item()
-                    backend.commit(v.path, 0)  # keep nothing: the cache stays at L
-                    return n_acc
-
-            step()  # warm-up (and graph capture where there are graphs)
-            ts = []
-            for _ in range(reps):
+    table: list[list[float]] = []
+    measured = sizes
+    for L in cache_lens:
+        prompt = torch.randint(0, vocab, (L,), generator=gen).to(dev)
+        steps = [make_step(n) for n in measured]
+        times: list[list[float]] = [[] for _ in measured]
+        for r in range(rounds + 1):  # round 0: warm-up (and graph capture where there are graphs)
+            if r == 0 or whole:
+                start(prompt)
+            for j, step in enumerate(steps):
                 sync()
                 t = time.perf_counter()
                 step()
-                ts.append(time.perf_counter() - t)
-            row.append(float(np.median(ts)))
-            if progress:
-                progress(f"  cache {L:5d}  nodes {n:4d}  {row[-1] * 1e3:8.2f} ms")
-            if len(table) == 0 and n > 1 and row[-1] > stop_ratio * row[0]:
-                measured = measured[: len(row)]
-                break
+                if r > 0:
+                    times[j].append(time.perf_counter() - t)
+            if r == 1 and not table:  # larger trees than one this slow cannot pay: not measured
+                cut = next((j for j in range(1, len(steps)) if times[j][0] > stop_ratio * times[0][0]), None)
+                if cut is not None:
+                    steps, times, measured = steps[: cut + 1], times[: cut + 1], measured[: cut + 1]
+        row = [float(np.median(ts)) for ts in times]
+        if progress:
+            for n, t in zip(measured, row):
+                progress(f"  cache {L:5d}  nodes {n:4d}  {t * 1e3:8.2f} ms")
         # A tree never costs less than a smaller one: a size measured slower than a bigger one
         # was disturbed (another process, a descheduled thread), so cap it by the bigger one's.
         row = np.minimum.accumulate(np.asarray(row)[::-1])[::-1].tolist()

@@ -276,3 +276,71 @@ def test_path_probs_multiply_conditionals_along_paths():
             j = parents[j]
         assert p[i] == pytest.approx(want, rel=1e-12)
     assert p[0] == 1.0
+
+
+def test_calibration_interleaves_sizes(monkeypatch):
+    """Sizes are timed in rounds, one step of each per round (a warm-up round first), so a drift
+    of the machine hits every size alike."""
+    from freespec.backends.native import NativeBackend
+
+    model = tiny_model("llama", seed=1)
+    be = NativeBackend(model, max_length=256, device_steps=True)
+    taken = []
+    real_step = be.step
+    monkeypatch.setattr(be, "step", lambda ds: taken.append(ds.shape.size) or real_step(ds))
+    calibrate(be, sizes=[1, 2, 4, 8], cache_lens=[16], repeats=3, stop_ratio=math.inf)
+    assert taken == [2, 4, 8] * 4
+
+
+def test_hybrid_plans_token_recycling_for_the_step_it_rides_in():
+    """With retrieval trees attached on most steps, Token Recycling's automatic plan leaves
+    them room in its tree-size bucket (a GPU: the step costs its bucket's time), and takes the
+    whole bucket when nothing rides along."""
+    from freespec.drafters.hybrid import ATTACH_SLOTS
+
+    sizes = [1, 2, 4, 8, 16, 32, 64, 96, 128]
+    ms = [10, 10, 10, 10, 10, 10, 10, 14, 15]  # the 96 bucket costs 40% more
+    lat = LatencyModel(sizes, [0], [[m / 1e3 for m in ms]], bucketed=True)
+    alone = HybridDrafter(vocab_size=50)  # acceptance estimates: the priors
+    assert alone.tr.choose(lat.curve(), budget=95) == 63  # nothing attached: the whole 64 bucket
+    busy = HybridDrafter(vocab_size=50)
+    busy._attach_rate[:] = 0.0
+    busy._attach_rate[ATTACH_SLOTS.index(8)] = 0.9  # 8 slots attached on 9 steps in 10
+    busy._attach_gain = 1.0
+    curve, extra = busy._plan_cost(lat.curve())
+    assert extra == 1.0
+    assert curve[56] == pytest.approx(0.1 * lat(56) + 0.9 * lat(64))
+    k = busy.tr.choose(lat.curve(), budget=95)
+    assert k + 1 + 8 <= 64  # plan and attached tree share the 64 bucket
+
+
+def test_recycling_sizes_by_realized_gain_by_rank():
+    """The size choice follows what the best-ranked nodes actually yielded (counted with the
+    ranking fixed before the outcome), once enough steps are counted; the per-node estimates
+    decide before that."""
+    curve = steep(per_node=0.02).curve()  # a node costs 2% of a plain step
+    fresh = TokenRecycling(vocab_size=50, template="auto")
+    assert fresh.choose(curve, budget=200) > 3  # the priors promise more than 2% a node for a while
+    tr = TokenRecycling(vocab_size=50, template="auto")
+    n = tr.shape.size
+    real = np.zeros(n)
+    real[1:] = 1.8
+    real[1:4] = [0.9, 1.5, 1.8]  # nothing past the third-ranked node was ever accepted
+    tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+    tr._realized_n.fill_(1e4)
+    assert tr.choose(curve, budget=200) == 3
+    assert tr.plan_gain() == pytest.approx(2.8, abs=0.01)
+    order = tr._ranked[1]
+    assert tr._rank_of[0] == 0 and tr._rank_of[int(order[0])] == 1  # the new ranking, for the next counts
+
+
+def test_realized_gain_is_counted_by_the_engine():
+    model = tiny_model("llama", seed=3)
+    eng = Engine(model, StubTokenizer(), drafter="recycling", template="auto", latency=flat())
+    eng.generate([1, 2, 3, 4, 5] * 4, 48)
+    tr = eng.drafter
+    n = float(tr._realized_n)
+    assert n > 0
+    real = tr._realized.numpy() / n
+    assert real[0] == 0 and np.all(np.diff(real) >= -1e-6)  # a count over more nodes is never smaller
+    assert real[-1] <= tr.shape.max_depth

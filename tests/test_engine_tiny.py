@@ -1,5 +1,6 @@
 """Engine identity on tiny random models (fast, many prompts)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,28 @@ def test_biased_sampler_would_be_caught():
             b = int(torch.multinomial(p2[a], 1, generator=g))
             counts[(a * VOCAB + b) * VOCAB + int(greedy3[a, b])] += 1
     assert _p_value(counts, exact) < 1e-4
+
+
+def test_trees_are_sized_by_step_time_host_work_included():
+    """The curve a drafter sizes its tree by is the calibrated device step plus the host
+    work each step spends around it (measured by the engine, a moving average)."""
+    from freespec.cost import LatencyModel
+    from freespec.drafters import TokenRecycling
+
+    seen = []
+
+    class Spy(TokenRecycling):
+        def propose(self, ctx):
+            seen.append(ctx.latency)
+            return super().propose(ctx)
+
+    model = tiny_model("llama")
+    lat = LatencyModel([1, 2, 4, 8, 16, 32, 64, 128], [0], [[1e-3 * (1 + n / 64) for n in [1, 2, 4, 8, 16, 32, 64, 128]]])
+    eng = Engine(model, StubTokenizer(), drafter=Spy(vocab_size=model.config.vocab_size), latency=lat)
+    eng.generate([1, 2, 3, 4, 5], 40)
+    assert eng.host_overhead > 0
+    base = lat.curve(0)
+    last = seen[-1]
+    shift = last[1:] - base[1:]
+    assert np.allclose(shift, shift[0]) and shift[0] > 0  # one constant added to every size
+    assert abs(shift[0] - eng.host_overhead) <= 0.01 * base[1] + 1e-12

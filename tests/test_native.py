@@ -689,6 +689,28 @@ def test_device_steps_match_the_generic_path(template):
         assert torch.allclose(drafters[False].stats.hits, drafters[True].stats.hits)
 
 
+def test_device_steps_when_the_automatic_tree_is_empty():
+    """Where the cost model picks plain decoding, a device-step engine takes host plain steps:
+    the choice is made once per step (not again by propose) and the statistics still learn,
+    exactly as on the host path."""
+    from freespec.backends.native import TREE_BUCKETS
+    from freespec.cost import LatencyModel
+
+    model = make("llama-gqa-tied")
+    sizes = list(TREE_BUCKETS)
+    dear = LatencyModel(sizes, [0], [[1e-3 * n for n in sizes]], bucketed=True)  # a node costs a step
+    p = _prompts(1, length=30)[0]
+    got = {}
+    for on_device in (False, True):
+        be = NativeBackend(model, device_steps=on_device)
+        eng = Engine(model, Tok(), drafter="recycling", backend=be, template="auto", latency=dear)
+        res = eng.generate(p, 40)
+        got[on_device] = (res.tokens, dict(eng.drafter.chosen_sizes), eng.drafter.stats.tries.clone())
+    assert got[False][0] == got[True][0]
+    assert got[False][1] == got[True][1] == {0: 39}
+    assert torch.equal(got[False][2], got[True][2]) and float(got[True][2].sum()) > 0
+
+
 def test_device_steps_mixed_with_plain_steps_and_the_context_end():
     """Steps the drafter declines (budget at the end of the context) go through verify/commit;
     the root handed between the two paths stays right."""
@@ -727,12 +749,13 @@ def test_hybrid_device_steps_identical_to_plain(template):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture of whole steps needs a CUDA device")
-@pytest.mark.parametrize("drafter", ["recycling", "hybrid"])
-def test_device_steps_captured_on_cuda(drafter):
+@pytest.mark.parametrize("drafter,template", [("recycling", "tr16"), ("hybrid", "tr16"), ("recycling", "auto"),
+                                              ("hybrid", "auto")])
+def test_device_steps_captured_on_cuda(drafter, template):
     model = make("llama-gqa-tied").cuda()
     be = NativeBackend(model)
     assert be.graphs and be.captures_steps
-    eng = Engine(model, Tok(), drafter=drafter, backend=be, template="tr16")
+    eng = Engine(model, Tok(), drafter=drafter, backend=be, template=template, latency=_flat_latency())
     plain = Engine(model, Tok(), drafter=None, backend=NativeBackend(model, graphs=False))
     for p in _prompts(1, length=30) + _repetitive(2):
         a = eng.generate(p, 48)
@@ -741,6 +764,9 @@ def test_device_steps_captured_on_cuda(drafter):
     assert be._steps
     if drafter == "hybrid":
         assert eng.drafter.used["attached"] > 0
+    if template == "auto":  # the acceptance count ran as a captured replay, and counted
+        tr = eng.drafter.tr if drafter == "hybrid" else eng.drafter
+        assert tr._counter.graph is not None and float(tr.stats.tries.sum()) > 0
 
 
 class _NoHostReads:

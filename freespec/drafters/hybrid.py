@@ -51,6 +51,7 @@ ATTACH_SLOTS = (8, 32)  # retrieval-tree sizes a captured step is laid out for (
 # Most nodes of a step with an attached tree (root included): a bigger step would be a new
 # forward size, i.e. a compile and graph captures mid-run (seconds), for a few more nodes.
 ATTACH_LIMIT = 128
+_ATTACH_EMA = 0.02  # weight of a step in the attach rate / gain averages (~50 steps)
 
 
 class HybridDrafter(Drafter):
@@ -109,13 +110,21 @@ class HybridDrafter(Drafter):
         self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "attached": 0, "none": 0}  # steps per source
         self.sizer = TreeSizer()
         self._set_scores()
-        self._attach: dict[tuple, tuple[AttachBuffer, int]] = {}  # device steps: (buffer, serial) by (plan, slots)
         self._serial = next(_SERIALS)  # names this drafter's captured steps (never reused, unlike id())
         self._root_shape = TreeShape.from_parents([-1], self.device)
         # host seconds to load an attached tree (moving average): a cost the latency curve,
         # which times device steps, does not hold (measured on an H100 host: ~0.15 ms, ~5% of
         # a step, so an attached tree must promise that much more to be worth it)
         self._load_cost = 0.0
+        self._last_gain = 0.0  # expected tokens of the last tree _attachable chose
+        # How often a retrieval tree rides along, per layout, and what it adds (moving averages
+        # over device steps): Token Recycling's automatic plan is chosen for the step it will be
+        # part of. On a GPU the step costs its tree-size bucket's time, so a 63-node plan that
+        # gets 8 nodes attached pays the 96 bucket for 71 nodes, where an 87-node plan would.
+        self._attach_rate = np.zeros(len(ATTACH_SLOTS))
+        self._attach_gain = 0.0
+        self.tr.plan_cost = self._plan_cost
+        self._steps: dict = {}  # device steps by (Token Recycling's step key, layout)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -217,39 +226,80 @@ class HybridDrafter(Drafter):
         """This step for ``Backend.step``: Token Recycling's device step with the retrieval tree
         attached under the root when it pays (see the module docstring); never None (a step
         with nothing to draft is a one-token step, on the device too)."""
-        tr_ctx = ctx
+        tr_budget = None
         if self.tr.auto:  # leave room for the largest retrieval layout within ATTACH_LIMIT
-            tr_ctx = dataclasses.replace(ctx, budget=min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]))
-        tr = self.tr.device_step(tr_ctx)
+            tr_budget = min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])
+        tr = self.tr.device_step(ctx, budget=tr_budget)
+        if tr is None and self.tr.auto and self.tr.template.size > 0:
+            self.tr.filled()  # a plain step fills the base tree all the same (see fill_plain)
         base = tr.shape if tr is not None else self._root_shape
         room = min(ctx.budget - (base.size - 1), ATTACH_LIMIT - base.size)
         slots = [m for m in ATTACH_SLOTS if m <= room]  # the layouts that fit (padding included)
         r = self.retriever.retrieve(ctx) if slots else None
         tree = self._attachable(r, ctx, base.size, slots) if r is not None else None
+        rate = self._attach_rate
+        rate *= 1.0 - _ATTACH_EMA
         if tree is None:
+            self._attach_gain *= 1.0 - _ATTACH_EMA
             self.used["recycling" if tr is not None else "none"] += 1
-            if tr is None:
-                tr = DeviceStep(("hybrid-plain", self._serial), base, _root_only, self._observe_update)
-            return dataclasses.replace(tr, done=self._learn)
+            key = (tr.key if tr is not None else None, 0)
+            ds = self._steps.get(key)
+            if ds is None:
+                if tr is None:
+                    ds = DeviceStep(("hybrid-plain", self._serial), base, self._plain_fill(), self._observe_update,
+                                    done=self._learn)
+                else:
+                    ds = dataclasses.replace(tr, done=self._learn)
+                ds = self._keep(key, ds)
+            return ds
         m = next(m for m in slots if m >= tree.size - 1)
-        key = (tr.key if tr is not None else "root", m)
-        got = self._attach.get(key)
+        j = ATTACH_SLOTS.index(m)
+        rate[j] += _ATTACH_EMA
+        self._attach_gain += _ATTACH_EMA * (self._last_gain - self._attach_gain)
+        key = (tr.key if tr is not None else None, m)
+        got = self._steps.get(key)
         if got is None:
-            if len(self._attach) >= 256:  # plans come and go; new buffers get new step keys
-                self._attach.clear()
-            got = self._attach[key] = (AttachBuffer(base, m, self.device), next(_SERIALS))
-        buf, serial = got
+            buf = AttachBuffer(base, m, self.device)
+            head = tr.fill if tr is not None else self._plain_fill()
+            observe = tr.observe if tr is not None else self._observe_update
+
+            def fill(root, head=head, extra=buf.tokens):
+                return torch.cat((head(root), extra))
+
+            ds = DeviceStep(("hybrid", self._serial, next(_SERIALS)), buf.shape, fill, observe, done=self._learn)
+            got = self._keep(key, (buf, ds))
+        buf, ds = got
         t = time.perf_counter()
         buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]])
         self._load_cost += 0.1 * (time.perf_counter() - t - self._load_cost)
         self.used["attached" if tr is not None else "retrieval"] += 1
-        head = tr.fill if tr is not None else _root_only
-        observe = tr.observe if tr is not None else self._observe_update
+        return ds
 
-        def fill(root, head=head, extra=buf.tokens):
-            return torch.cat((head(root), extra))
+    def _keep(self, key, value):
+        if len(self._steps) >= 256:  # plans come and go; new buffers get new step keys
+            self._steps.clear()
+        self._steps[key] = value
+        return value
 
-        return DeviceStep(("hybrid", self._serial, serial), buf.shape, fill, observe, done=self._learn)
+    def _plain_fill(self):
+        """The fill of a step without Token Recycling's tree: the root alone (after filling
+        Token Recycling's base tree, with the automatic tree, whose statistics keep learning)."""
+        return self.tr.fill_plain if self.tr.auto and self.tr.template.size > 0 else _root_only
+
+    def _plan_cost(self, curve: np.ndarray) -> tuple[np.ndarray, float]:
+        """Token Recycling's plan cost with the retrieval trees that ride along: a plan of
+        ``n`` nodes costs ``curve[n + m]`` on the steps that attach ``m`` slots, as often as
+        they have lately; the attached trees' expected tokens come on top of the plan's."""
+        rate = self._attach_rate
+        if rate.sum() < 1e-3:
+            return curve, 0.0
+        n = len(curve)
+        idx = np.arange(n)
+        mixed = (1.0 - rate.sum()) * curve
+        for f, m in zip(rate, ATTACH_SLOTS):
+            mixed = mixed + f * curve[np.minimum(idx + m, n - 1)]
+        mixed[0] = np.inf
+        return mixed, self._attach_gain
 
     def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, slots: list[int]) -> HostTree | None:
         """The part of the retrieval tree worth verifying beside a base tree of ``base_size``
@@ -278,12 +328,14 @@ class HybridDrafter(Drafter):
         k = int(np.argmax(gain / cost))
         if k == 0:
             return None
+        self._last_gain = float(gain[k] - base_gain)
         return _subset(cal, sorted(int(i) for i in order[:k]))
 
     def _observe_update(self, tokens, logits, verdict) -> None:
         self.tr.update(tokens, logits)
 
     def _learn(self, emitted: list[int]) -> None:
+        self.tr.learn(emitted)
         self.sizer.learn(emitted)
 
     def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
