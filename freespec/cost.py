@@ -149,12 +149,11 @@ class LatencyModel:
 
 # --------------------------------------------------------------------------- choice
 def choose_size(probs: Sequence[float] | np.ndarray, curve: np.ndarray, max_nodes: int | None = None,
-                margin: float = MARGIN, base_gain: float = 1.0) -> int:
+                margin: float = MARGIN) -> int:
     """How many of the nodes to draft (0 = plain decoding).
 
     ``probs``: acceptance probabilities of candidate nodes, sorted high to low, parents
-    before children (so every prefix is a tree); ``curve``: :meth:`LatencyModel.curve`;
-    ``base_gain``: tokens a step yields without these nodes (1: the target's own token).
+    before children (so every prefix is a tree); ``curve``: :meth:`LatencyModel.curve`.
     """
     p = np.asarray(probs, dtype=np.float64)
     k_max = min(len(p), len(curve) - 2)
@@ -162,7 +161,7 @@ def choose_size(probs: Sequence[float] | np.ndarray, curve: np.ndarray, max_node
         k_max = min(k_max, int(max_nodes))
     if k_max <= 0:
         return 0
-    gain = base_gain + np.concatenate(([0.0], np.cumsum(np.clip(p[:k_max], 0.0, 1.0))))
+    gain = 1.0 + np.concatenate(([0.0], np.cumsum(np.clip(p[:k_max], 0.0, 1.0))))
     rate = gain / curve[1 : k_max + 2]
     k = int(np.argmax(rate))
     if k > 0 and rate[k] < rate[0] * (1.0 + margin):

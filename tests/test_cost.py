@@ -292,28 +292,6 @@ def test_calibration_interleaves_sizes(monkeypatch):
     assert taken == [2, 4, 8] * 4
 
 
-def test_hybrid_plans_token_recycling_for_the_step_it_rides_in():
-    """With retrieval trees attached on most steps, Token Recycling's automatic plan leaves
-    them room in its tree-size bucket (a GPU: the step costs its bucket's time), and takes the
-    whole bucket when nothing rides along."""
-    from freespec.drafters.hybrid import ATTACH_SLOTS
-
-    sizes = [1, 2, 4, 8, 16, 32, 64, 96, 128]
-    ms = [10, 10, 10, 10, 10, 10, 10, 14, 15]  # the 96 bucket costs 40% more
-    lat = LatencyModel(sizes, [0], [[m / 1e3 for m in ms]], bucketed=True)
-    alone = HybridDrafter(vocab_size=50)  # acceptance estimates: the priors
-    assert alone.tr.choose(lat.curve(), budget=95) == 63  # nothing attached: the whole 64 bucket
-    busy = HybridDrafter(vocab_size=50)
-    busy._attach_rate[:] = 0.0
-    busy._attach_rate[ATTACH_SLOTS.index(8)] = 0.9  # 8 slots attached on 9 steps in 10
-    busy._attach_gain = 1.0
-    curve, extra = busy._plan_cost(lat.curve())
-    assert extra == 1.0
-    assert curve[56] == pytest.approx(0.1 * lat(56) + 0.9 * lat(64))
-    k = busy.tr.choose(lat.curve(), budget=95)
-    assert k + 1 + 8 <= 64  # plan and attached tree share the 64 bucket
-
-
 def test_recycling_sizes_by_realized_gain_by_rank():
     """The size choice follows what the best-ranked nodes actually yielded (counted with the
     ranking fixed before the outcome), once enough steps are counted; the per-node estimates

@@ -51,7 +51,6 @@ ATTACH_SLOTS = (8, 32)  # retrieval-tree sizes a captured step is laid out for (
 # Most nodes of a step with an attached tree (root included): a bigger step would be a new
 # forward size, i.e. a compile and graph captures mid-run (seconds), for a few more nodes.
 ATTACH_LIMIT = 128
-_ATTACH_EMA = 0.02  # weight of a step in the attach rate / gain averages (~50 steps)
 
 
 class HybridDrafter(Drafter):
@@ -116,14 +115,6 @@ class HybridDrafter(Drafter):
         # which times device steps, does not hold (measured on an H100 host: ~0.15 ms, ~5% of
         # a step, so an attached tree must promise that much more to be worth it)
         self._load_cost = 0.0
-        self._last_gain = 0.0  # expected tokens of the last tree _attachable chose
-        # How often a retrieval tree rides along, per layout, and what it adds (moving averages
-        # over device steps): Token Recycling's automatic plan is chosen for the step it will be
-        # part of. On a GPU the step costs its tree-size bucket's time, so a 63-node plan that
-        # gets 8 nodes attached pays the 96 bucket for 71 nodes, where an 87-node plan would.
-        self._attach_rate = np.zeros(len(ATTACH_SLOTS))
-        self._attach_gain = 0.0
-        self.tr.plan_cost = self._plan_cost
         self._steps: dict = {}  # device steps by (Token Recycling's step key, layout)
 
     # ------------------------------------------------------------------ Token Recycling's face
@@ -237,10 +228,7 @@ class HybridDrafter(Drafter):
         slots = [m for m in ATTACH_SLOTS if m <= room]  # the layouts that fit (padding included)
         r = self.retriever.retrieve(ctx) if slots else None
         tree = self._attachable(r, ctx, base.size, slots) if r is not None else None
-        rate = self._attach_rate
-        rate *= 1.0 - _ATTACH_EMA
         if tree is None:
-            self._attach_gain *= 1.0 - _ATTACH_EMA
             self.used["recycling" if tr is not None else "none"] += 1
             key = (tr.key if tr is not None else None, 0)
             ds = self._steps.get(key)
@@ -253,9 +241,6 @@ class HybridDrafter(Drafter):
                 ds = self._keep(key, ds)
             return ds
         m = next(m for m in slots if m >= tree.size - 1)
-        j = ATTACH_SLOTS.index(m)
-        rate[j] += _ATTACH_EMA
-        self._attach_gain += _ATTACH_EMA * (self._last_gain - self._attach_gain)
         key = (tr.key if tr is not None else None, m)
         got = self._steps.get(key)
         if got is None:
@@ -286,21 +271,6 @@ class HybridDrafter(Drafter):
         Token Recycling's base tree, with the automatic tree, whose statistics keep learning)."""
         return self.tr.fill_plain if self.tr.auto and self.tr.template.size > 0 else _root_only
 
-    def _plan_cost(self, curve: np.ndarray) -> tuple[np.ndarray, float]:
-        """Token Recycling's plan cost with the retrieval trees that ride along: a plan of
-        ``n`` nodes costs ``curve[n + m]`` on the steps that attach ``m`` slots, as often as
-        they have lately; the attached trees' expected tokens come on top of the plan's."""
-        rate = self._attach_rate
-        if rate.sum() < 1e-3:
-            return curve, 0.0
-        n = len(curve)
-        idx = np.arange(n)
-        mixed = (1.0 - rate.sum()) * curve
-        for f, m in zip(rate, ATTACH_SLOTS):
-            mixed = mixed + f * curve[np.minimum(idx + m, n - 1)]
-        mixed[0] = np.inf
-        return mixed, self._attach_gain
-
     def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, slots: list[int]) -> HostTree | None:
         """The part of the retrieval tree worth verifying beside a base tree of ``base_size``
         nodes, in at most ``slots[-1]`` nodes: by the cost model (expected tokens per second,
@@ -328,7 +298,6 @@ class HybridDrafter(Drafter):
         k = int(np.argmax(gain / cost))
         if k == 0:
             return None
-        self._last_gain = float(gain[k] - base_gain)
         return _subset(cal, sorted(int(i) for i in order[:k]))
 
     def _observe_update(self, tokens, logits, verdict) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -130,9 +129,6 @@ class TokenRecycling(Drafter):
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
         self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
-        # maps the engine's latency curve to the one this drafter's plan pays and the tokens a
-        # step gains besides the plan's (a drafter that adds nodes to the plan sets it)
-        self.plan_cost: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None
 
     @property
     def wants_latency(self) -> bool:  # type: ignore[override]
@@ -154,15 +150,12 @@ class TokenRecycling(Drafter):
             k = min(get_template(default_template(self.device)).size, n_base, budget)
             order = np.arange(1, k + 1)
         else:
-            extra = 0.0
-            if self.plan_cost is not None:
-                curve, extra = self.plan_cost(curve)
             p = self.probs()
             order = order_nodes(p, self.stats.parents)
             self._ranked = (p, order)
             gain = self._blended_gain(p[order])
             self._gain = gain
-            k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), base_gain=1.0 + extra)
+            k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
             rank = np.zeros(n_base + 1, dtype=np.int64)
             rank[order] = np.arange(1, n_base + 1)
             self._rank_of.copy_(torch.from_numpy(rank))
@@ -171,7 +164,7 @@ class TokenRecycling(Drafter):
             cur = self._plan_key
             if cur is not None and len(cur) <= min(budget, n_base):
                 def rate(m):
-                    return (1.0 + extra + gain[m]) / curve[m + 1]
+                    return (1.0 + gain[m]) / curve[m + 1]
 
                 if rate(k) < rate(len(cur)) * (1.0 + HYSTERESIS):
                     return len(cur)
