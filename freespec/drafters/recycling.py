@@ -11,7 +11,9 @@ across prompts and turns; ``reset``, ``save`` and ``load`` manage it explicitly.
 Tree size (``template="auto"``, the default): the matrix fills a large base template every
 step; acceptance statistics per base node (``cost.NodeStats``) say how likely each node is,
 and the cost model (``cost.choose_size``, fed the engine's measured latency curve) picks the
-most probable nodes worth their verification cost -- possibly none (a plain step). The
+most probable nodes worth their verification cost -- possibly none (a plain step). How many
+to take rests on the realized gain by rank (accepted nodes among the k best-ranked, counted
+with the ranking fixed in advance), which the per-node estimates only seed. The
 statistics are learnt for every base node whether it was drafted or not: the tokens the
 target emits do not depend on the draft, so a node would have been accepted iff its token
 path matches them. They are saved with the matrix.
