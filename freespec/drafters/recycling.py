@@ -337,8 +337,9 @@ class TokenRecycling(Drafter):
         ``budget``: most draft nodes, if fewer than ``ctx.budget`` (room for other nodes)."""
         if self.template.size == 0:
             return None
+        budget = ctx.budget if budget is None else min(ctx.budget, budget)
         if not self.auto:
-            if min(ctx.budget, budget if budget is not None else ctx.budget) < self.template.size:
+            if budget < self.template.size:
                 return None
             if self._full_step is None:
                 self._full_step = DeviceStep((self._serial, "full", self.template.name), self.shape, self.fill,
