@@ -10,12 +10,14 @@ ancestors and itself); its position id is ``prefix_len + depth[i]``.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -157,40 +159,53 @@ class AttachBuffer:
                                max_depth=D, parents_list=placeholder.parents_list)
         self.base = base
         self.loaded = 0  # real nodes in the last load (the rest are copies)
+        self._base_version = None  # the base_version its rows were last copied at
 
     @staticmethod
     def _views(block: torch.Tensor, n: int, D: int, m: int):
         a, b, c = n, 2 * n, 2 * n + n * (D + 1)
         return block[:a], block[a:b], block[b:c].view(n, D + 1), block[c : c + m]
 
-    def load(self, tokens: Sequence[int], parents: Sequence[int]) -> None:
+    def load(self, tokens: Sequence[int], parents: Sequence[int], base_version=None) -> None:
         """The extra tree: ``tokens[j]``'s parent is ``parents[j]``, an index into ``tokens``
-        (earlier) or -1 for the base's root. 1 to ``slots`` nodes."""
+        (earlier) or -1 for the base's root. 1 to ``slots`` nodes. ``base_version``: a value
+        that changes whenever the base is rewritten in place; when it equals the last load's,
+        the base's rows are not copied again (four device copies saved); None: always copied."""
         k = len(tokens)
         if not 1 <= k <= self.slots or len(parents) != k:
             raise TreeError(f"an attached tree needs 1 to {self.slots} nodes with one parent each, got {k}")
         P, m = self.base_size, self.slots
         par_np, dep_np, paths_np, tok_np = self._h
-        anc = self._anc_np
-        rows = slice(P, P + m)
-        anc[rows] = False
-        paths_np[rows] = 0
+        # each extra node's path from the root (global indices), built on the host in lists
+        gpar, paths = [0] * m, [()] * m
         for j in range(m):
-            jj = min(j, k - 1)  # padding repeats the last node
+            jj = j if j < k else k - 1  # padding repeats the last node
             p = int(parents[jj])
-            if not -1 <= p < jj:
+            if p == -1:
+                gpar[j], paths[j] = 0, (0, P + j)
+            elif 0 <= p < jj:
+                gpar[j], paths[j] = P + p, paths[p] + (P + j,)
+            else:
                 raise TreeError(f"attached node {jj} has parent {p}: nodes must come after their parent")
-            g, gp = P + j, (0 if p < 0 else P + p)
-            par_np[g] = gp
-            d = dep_np[g] = dep_np[gp] + 1
-            paths_np[g, :d] = paths_np[gp, :d]
-            paths_np[g, d] = g
-            anc[g] = anc[gp]
-            anc[g, g] = True
-            tok_np[j] = tokens[jj]
+        lens = np.fromiter(map(len, paths), dtype=np.int64, count=m)
+        flat = np.fromiter(itertools.chain.from_iterable(paths), dtype=np.int64, count=int(lens.sum()))
+        rows = np.repeat(np.arange(P, P + m), lens)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)  # depth of each entry
+        par_np[P:] = gpar
+        dep_np[P:] = lens - 1
+        paths_np[P:] = 0
+        paths_np[rows, cols] = flat
+        anc = self._anc_np
+        anc[P:] = False
+        anc[rows, flat] = True  # a node's ancestors (and itself) are its path
+        tok_np[:k] = tokens
+        tok_np[k:] = tokens[k - 1]
         self.loaded = k
         self._dev.copy_(self._host, non_blocking=True)
         self._dev_anc.copy_(self._host_anc, non_blocking=True)
+        if base_version is not None and base_version == self._base_version:
+            return
+        self._base_version = base_version
         # the base's rows from the base itself (the attached rows only ever refer to its root,
         # whose row is the same in every tree)
         b, s = self.base, self.shape

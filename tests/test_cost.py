@@ -322,3 +322,58 @@ def test_realized_gain_is_counted_by_the_engine():
     real = tr._realized.numpy() / n
     assert real[0] == 0 and np.all(np.diff(real) >= -1e-6)  # a count over more nodes is never smaller
     assert real[-1] <= tr.shape.max_depth
+
+
+def _stepped(levels=((64, 1.0), (96, 1.02), (128, 1.3), (256, 2.0))):
+    """A bucketed curve (a GPU with CUDA graph buckets): a tree costs its bucket's time."""
+    sizes = [1, 2, 4, 8, 16, 32] + [b for b, _ in levels]
+    ms = [1.0] * 6 + [t for _, t in levels]
+    return LatencyModel(sizes, [0], [[t / 1e3 for t in ms]], bucketed=True)
+
+
+class _FixedRetrieval:
+    """A retriever that always offers the same tree (the hybrid's other half, isolated)."""
+
+    def __init__(self, tree):
+        from freespec.drafters.lookup import Retrieval
+
+        self.r = Retrieval(tree, score=float(sum(tree.scores[1:])), match_len=8)
+
+    def retrieve(self, ctx, max_nodes=None):
+        return self.r
+
+    def begin(self, prompt):
+        pass
+
+    def observe(self, draft, logits, accepted):
+        pass
+
+    def end(self, tokens):
+        pass
+
+
+def test_hybrid_chooses_plan_and_attached_tree_together():
+    """On a bucketed curve the Token Recycling plan is sized with the retrieval tree beside it:
+    alone, Token Recycling fills the 96-node bucket (95 nodes); with a strong 20-node retrieval
+    chain the pair 63 + 32 (the chain padded) still fits 96 nodes, where 95 + 32 would pay the
+    128 bucket. Without a retrieval tree it keeps its own choice."""
+    curve = _stepped().curve()
+    chain = HostTree.chain(5, list(range(10, 30)), [0.5] * 20)
+    h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+    tr = h.tr
+    n = tr.shape.size
+    real = 1.5 * (1.0 - np.exp(-np.arange(n) / 20.0))  # expected accepted among the k best-ranked
+    tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+    tr._realized_n.fill_(1e4)
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
+    assert tr.plan_options(ctx, 95)[0] == 95  # its own choice
+    assert sorted(tr.plan_options(ctx, 95)) == [63, 95]  # and the other end of a bucket above half of it
+    ds = h.device_step(ctx)
+    assert ds.shape.size == 1 + 63 + 32
+    buf, _ = h._steps[(tr._by_size[64][3].key, 32)]
+    assert buf.loaded == 20 and buf.tokens.tolist()[:20] == list(range(10, 30))
+    assert h.used["attached"] == 1
+
+    h.retriever.r = None  # no match
+    assert h.device_step(ctx).shape.size == 1 + 95  # the plan alone
+    assert tr.chosen_sizes == {63: 1, 95: 1}

@@ -730,15 +730,25 @@ def _repetitive(n, seed=0):
     return [torch.randint(0, 101, (10,), generator=g).tolist() * 3 for _ in range(n)]
 
 
-@pytest.mark.parametrize("template", ["tr8", "auto"])
-def test_hybrid_device_steps_identical_to_plain(template):
+def _stepped_latency():
+    """Bucketed and rising (an H100's shape): plans of several sizes pair with attached trees."""
+    from freespec.backends.native import TREE_BUCKETS
+    from freespec.cost import LatencyModel
+
+    sizes = list(TREE_BUCKETS)
+    return LatencyModel(sizes, [0], [[1e-3 * (1 + 0.002 * b) for b in sizes]], bucketed=True)
+
+
+@pytest.mark.parametrize("template,latency", [("tr8", _flat_latency), ("auto", _flat_latency),
+                                              ("auto", _stepped_latency)])
+def test_hybrid_device_steps_identical_to_plain(template, latency):
     """Hybrid's device step (Token Recycling filled on the device, the retrieval tree attached
     under the root through an AttachBuffer) is lossless, and the retrieval part is used."""
     model = make("llama-gqa-tied")
     prompts = _repetitive(3) + _prompts(1, length=30)
     ref = [Engine(model, Tok(), drafter=None).generate(p, 48).tokens for p in prompts]
     be = NativeBackend(model, device_steps=True)
-    eng = Engine(model, Tok(), drafter="hybrid", backend=be, template=template, latency=_flat_latency())
+    eng = Engine(model, Tok(), drafter="hybrid", backend=be, template=template, latency=latency())
     for p, r in zip(prompts, ref):
         assert eng.generate(p, 48).tokens == r
     again = eng.generate(prompts[0], 48)  # earlier requests are in the suffix store now

@@ -130,3 +130,25 @@ def test_attach_buffer_follows_a_base_rewritten_in_place():
     assert torch.equal(buf.shape.parents, want.parents) and torch.equal(buf.shape.ancestors, want.ancestors)
     assert torch.equal(buf.shape.paths[:, : want.max_depth + 1], want.paths)
     assert not torch.equal(buf.shape.parents[:4], first.parents)
+
+
+def test_attach_buffer_skips_base_rows_of_an_unchanged_base_version():
+    """With ``base_version``, the base's rows are copied only when the version moves (a plan
+    buffer rewritten in place gets a new version); the attached rows are rewritten every load."""
+    from freespec.tree import AttachBuffer
+
+    base = TreeShape.from_parents([-1, 0, 1, 1])
+    buf = AttachBuffer(base, 4, "cpu")
+    buf.load([7, 8], [-1, 0], base_version=1)
+    want = _combined(base.parents_list, [-1, 0], 4)
+    assert torch.equal(buf.shape.parents, want.parents)
+    other = TreeShape.from_parents([-1, 0, 0, 2])
+    for t in ("parents", "depth", "ancestors", "paths"):
+        getattr(base, t).copy_(getattr(other, t))
+    buf.load([9], [-1], base_version=1)  # same version: the old base rows stay
+    assert buf.shape.parents[:4].tolist() == [-1, 0, 1, 1]
+    assert buf.shape.parents[4:].tolist() == [0, 0, 0, 0] and buf.tokens.tolist() == [9, 9, 9, 9]
+    buf.load([9], [-1], base_version=2)  # a new version: the rewritten base is taken
+    want = _combined(other.parents_list, [-1], 4)
+    assert torch.equal(buf.shape.parents, want.parents) and torch.equal(buf.shape.ancestors, want.ancestors)
+    assert torch.equal(buf.shape.paths[:, : want.max_depth + 1], want.paths)

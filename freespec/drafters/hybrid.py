@@ -217,17 +217,72 @@ class HybridDrafter(Drafter):
         """This step for ``Backend.step``: Token Recycling's device step with the retrieval tree
         attached under the root when it pays (see the module docstring); never None (a step
         with nothing to draft is a one-token step, on the device too)."""
-        tr_budget = None
-        if self.tr.auto:  # leave room for the largest retrieval layout within ATTACH_LIMIT
-            tr_budget = min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])
-        tr = self.tr.device_step(ctx, budget=tr_budget)
+        if self.tr.auto and ctx.latency is not None:
+            return self._device_step_sized(ctx)
+        tr = self.tr.device_step(ctx)
         if tr is None and self.tr.auto and self.tr.template.size > 0:
             self.tr.filled()  # a plain step fills the base tree all the same (see fill_plain)
         base = tr.shape if tr is not None else self._root_shape
         room = min(ctx.budget - (base.size - 1), ATTACH_LIMIT - base.size)
         slots = [m for m in ATTACH_SLOTS if m <= room]  # the layouts that fit (padding included)
         r = self.retriever.retrieve(ctx) if slots else None
-        tree = self._attachable(r, ctx, base.size, slots) if r is not None else None
+        tree = None
+        if r is not None and self.strong(r):
+            tree = r.tree
+            if tree.size - 1 > slots[-1]:
+                keep = order_nodes(tree.scores, tree.parents)[: slots[-1]]
+                tree = _subset(tree, sorted(int(i) for i in keep))
+        m = 0 if tree is None else next(m for m in slots if m >= tree.size - 1)
+        return self._assemble(tr, m, tree)
+
+    def _device_step_sized(self, ctx: DraftContext) -> DeviceStep:
+        """The automatic tree: Token Recycling's plan size and the retrieval layout chosen
+        together, by expected tokens per second over the pairs (plan P, layout m): P from
+        ``TokenRecycling.plan_options`` (its own choice and the sizes that end a step of the
+        latency curve), m from ATTACH_SLOTS (a layout costs its padded size, so the best m
+        retrieval nodes by calibrated score fill it), or no attachment. A bucketed curve makes
+        the pair matter: a 63-node plan plus 8 attached nodes pays for 96 nodes, as a 95-node
+        plan alone or 63 plus 32 do."""
+        curve = ctx.latency
+        tr = self.tr
+        last = len(curve) - 1
+        sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])) \
+            if tr.template.size > 0 else [0]
+        r = self.retriever.retrieve(ctx) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
+        extra: list[tuple[int, float]] = []  # (layout, expected accepted nodes of the best that fill it)
+        if r is not None and r.tree.size > 1:
+            s = self.sizer.scores(r.tree)  # calibrated; the sizer learns from this tree at done()
+            order = np.argsort(-s, kind="stable")  # parents first (scores never grow along a path)
+            top = np.cumsum(s[order])
+            extra = [(m, float(top[min(m, len(s)) - 1])) for m in ATTACH_SLOTS]
+        best, pick = -1.0, (sizes[0], 0)
+        for P in sizes:
+            g = tr.plan_gain(P) if P > 0 else 1.0
+            rate = g / curve[min(P + 1, last)]
+            if rate > best:
+                best, pick = rate, (P, 0)
+            room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
+            for m, a in extra:
+                if m <= room:
+                    rate = (g + a) / (curve[min(P + 1 + m, last)] + self._load_cost)
+                    if rate > best:
+                        best, pick = rate, (P, m)
+        P, m = pick
+        base = tr.plan_step(P)
+        if base is None and tr.template.size > 0:
+            tr.filled()  # a plain step fills the base tree all the same (see fill_plain)
+        tree = None
+        if m:
+            tree = r.tree
+            if tree.size - 1 > m:
+                tree = _subset(tree, sorted(int(i) + 1 for i in order[:m]))
+            m = next(x for x in ATTACH_SLOTS if x >= tree.size - 1)
+        return self._assemble(base, m, tree)
+
+    def _assemble(self, tr: DeviceStep | None, m: int, tree: HostTree | None) -> DeviceStep:
+        """The step: Token Recycling's (``tr``; None: the root alone) with ``tree`` loaded into
+        a layout of ``m`` attached nodes (none if 0)."""
+        base = tr.shape if tr is not None else self._root_shape
         if tree is None:
             self.used["recycling" if tr is not None else "none"] += 1
             key = (tr.key if tr is not None else None, 0)
@@ -240,7 +295,6 @@ class HybridDrafter(Drafter):
                     ds = dataclasses.replace(tr, done=self._learn)
                 ds = self._keep(key, ds)
             return ds
-        m = next(m for m in slots if m >= tree.size - 1)
         key = (tr.key if tr is not None else None, m)
         got = self._steps.get(key)
         if got is None:
@@ -255,7 +309,8 @@ class HybridDrafter(Drafter):
             got = self._keep(key, (buf, ds))
         buf, ds = got
         t = time.perf_counter()
-        buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]])
+        buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]],
+                 base_version=self.tr.shape_version(base) if tr is not None else 0)
         self._load_cost += 0.1 * (time.perf_counter() - t - self._load_cost)
         self.used["attached" if tr is not None else "retrieval"] += 1
         return ds
@@ -270,35 +325,6 @@ class HybridDrafter(Drafter):
         """The fill of a step without Token Recycling's tree: the root alone (after filling
         Token Recycling's base tree, with the automatic tree, whose statistics keep learning)."""
         return self.tr.fill_plain if self.tr.auto and self.tr.template.size > 0 else _root_only
-
-    def _attachable(self, r: Retrieval, ctx: DraftContext, base_size: int, slots: list[int]) -> HostTree | None:
-        """The part of the retrieval tree worth verifying beside a base tree of ``base_size``
-        nodes, in at most ``slots[-1]`` nodes: by the cost model (expected tokens per second,
-        padding to the slot sizes counted) with a latency curve, else the whole tree (cut to
-        fit) if the match is strong."""
-        cap = slots[-1]
-        curve = ctx.latency
-        if curve is None or not self.tr.auto:
-            if not self.strong(r):
-                return None
-            tree = r.tree
-            if tree.size - 1 > cap:
-                tree = _subset(tree, [int(i) for i in sorted(order_nodes(tree.scores, tree.parents)[:cap])])
-            return tree
-        cal = self.sizer.calibrated(r.tree)  # learnt from in done(), whether used or not
-        order = order_nodes(cal.scores, cal.parents)[:cap]
-        if len(order) == 0:
-            return None
-        base_gain = self.tr.plan_gain() if base_size > 1 else 1.0
-        gain = base_gain + np.concatenate(([0.0], np.cumsum(np.asarray(cal.scores)[order])))
-        lay = np.asarray(slots)  # each count of nodes padded up to the layout that holds it
-        padded = np.concatenate(([0], lay[np.searchsorted(lay, np.arange(1, len(order) + 1))]))
-        sizes = np.minimum(base_size + padded, len(curve) - 1)
-        cost = curve[sizes] + np.where(padded > 0, self._load_cost, 0.0)
-        k = int(np.argmax(gain / cost))
-        if k == 0:
-            return None
-        return _subset(cal, sorted(int(i) for i in order[:k]))
 
     def _observe_update(self, tokens, logits, verdict) -> None:
         self.tr.update(tokens, logits)

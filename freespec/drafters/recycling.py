@@ -36,9 +36,10 @@ from .merge import HostTree, _subset
 
 AUTO = "auto"
 AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
-# Steps between two choices of the tree (and at each request's start). A choice reads the
-# statistics back and ranks every base node: ~0.5 ms of host time on an H100 machine's host,
-# where a step is ~3.3 ms; every 8 steps it cost ~3% of the time.
+# Steps between two choices of the tree, across requests (a choice at each request's start cost
+# short answers ~0.1 ms a step: translation on the H100, ~10 steps a request). A choice reads
+# the statistics back and ranks every base node: ~0.5 ms of host time on an H100 machine's
+# host, where a step is ~3.3 ms; every 8 steps it cost ~3% of the time.
 RECHOOSE = 32
 HYSTERESIS = 0.02  # a new plan must promise this much more speed than the current one
 # Acceptance is counted on one step in this many, after the step, from the base tree it filled
@@ -110,6 +111,8 @@ class TokenRecycling(Drafter):
         self._plan_key: tuple[int, ...] | None = None  # base nodes of the current plan (() = plain)
         self._base: torch.Tensor | None = None  # the last full base tree's tokens (host steps)
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
+        self._top: dict[int, tuple] = {}  # plans of other sizes from the last choice's ranking (plan_step)
+        self._options: tuple = (None, None, [])  # plan_options' last (curve, (own size, budget), sizes)
         self.chosen_sizes: dict[int, int] = {}  # draft nodes -> steps (for reports)
         # The acceptance count reads fixed buffers (one CUDA graph replay on a GPU): the base
         # tree the step filled (``fill`` writes it) and [n_accepted, emitted...] of the step
@@ -155,6 +158,7 @@ class TokenRecycling(Drafter):
             p = self.probs()
             order = order_nodes(p, self.stats.parents)
             self._ranked = (p, order)
+            self._top = {}  # plans of other sizes come from this ranking now (plan_step)
             gain = self._blended_gain(p[order])
             self._gain = gain
             k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
@@ -175,6 +179,11 @@ class TokenRecycling(Drafter):
             return 0
         key = tuple(sorted(int(i) for i in order[:k]))
         self._plan_key = key
+        self._plan = self._plan_for(key)
+        return k
+
+    def _plan_for(self, key: tuple[int, ...]):
+        """(shape, base node indices, serial) of the plan drafting base nodes ``key``."""
         plan = self._plans.get(key)
         if plan is None:
             idx = [0, *key]
@@ -185,8 +194,7 @@ class TokenRecycling(Drafter):
             if len(self._plans) > 512:
                 self._plans.clear()
             self._plans[key] = plan
-        self._plan = plan
-        return k
+        return plan
 
     def _blended_gain(self, ranked_p: np.ndarray) -> np.ndarray:
         """Expected accepted nodes among the k best-ranked, k = 0..n: the per-node estimates'
@@ -201,12 +209,63 @@ class TokenRecycling(Drafter):
         real = np.maximum.accumulate(real / n)  # (a sum of non-negative counts: rounding only)
         return w * real + (1.0 - w) * model
 
-    def plan_gain(self) -> float:
-        """Expected tokens per step from the current plan: 1 + its nodes' expected accepted
-        count at the last choice (1.0 without a cost-model plan)."""
-        if self._gain is None or not self._plan_key:
+    def plan_gain(self, size: int | None = None) -> float:
+        """Expected tokens per step from the current plan (or from the ``size`` best-ranked
+        nodes): 1 + the expected accepted count at the last choice (1.0 without a cost-model
+        plan)."""
+        if self._gain is None:
             return 1.0
-        return 1.0 + float(self._gain[len(self._plan_key)])
+        if size is None:
+            size = len(self._plan_key or ())
+        return 1.0 + float(self._gain[min(int(size), len(self._gain) - 1)])
+
+    def plan_options(self, ctx: DraftContext, budget: int | None = None) -> list[int]:
+        """Plan sizes for a drafter that adds nodes of its own beside this tree and chooses the
+        pair (hybrid): this drafter's own choice first (re-chosen every RECHOOSE steps), then
+        the sizes that fill a step of the latency curve to its end (a bucketed curve: where
+        the next node costs more), from half the own choice up to ``budget``. A smaller plan
+        leaves a bucket's room to the other nodes; a larger one fills room they leave empty.
+        Take one with :meth:`plan_step`."""
+        budget = ctx.budget if budget is None else min(ctx.budget, budget)
+        own = self._next_plan(ctx, budget, count=False)
+        k = 0 if own is None else own[0].size - 1
+        curve = ctx.latency
+        if curve is None or self._gain is None:
+            return [k]
+        c, key, opts = self._options
+        if c is curve and key == (k, budget):  # (the engine's curve changes every few steps at most)
+            return opts
+        opts = [k]
+        hi = min(budget, len(self._gain) - 1, len(curve) - 3)
+        lo = max(1, k // 2)
+        if hi >= lo:
+            seg = curve[lo + 1 : hi + 2]  # the steps of P + 1 nodes, P = lo .. hi
+            ends = np.flatnonzero(curve[lo + 2 : hi + 3] > seg) + lo  # P where one more node costs more
+            if len(ends) <= 4:  # (more: not a bucketed curve, every node costs more)
+                opts += [int(P) for P in ends if P != k]
+        self._options = (curve, (k, budget), opts)
+        return opts
+
+    def plan_step(self, size: int) -> DeviceStep | None:
+        """The device step drafting the ``size`` best-ranked nodes of the last choice (one of
+        :meth:`plan_options`); None for 0 (a plain step)."""
+        self._since += 1
+        self.chosen_sizes[size] = self.chosen_sizes.get(size, 0) + 1
+        if size == 0:
+            return None
+        self._filled = True
+        if self._plan_key is not None and size == len(self._plan_key):
+            return self._plan_step(self._plan)
+        plan = self._top.get(size)
+        if plan is None:
+            plan = self._top[size] = self._plan_for(tuple(sorted(int(i) for i in self._ranked[1][:size])))
+        return self._plan_step(plan)
+
+    def shape_version(self, shape: TreeShape) -> int:
+        """Changes whenever ``shape`` (a step's tree) is rewritten in place (a plan buffer
+        taking another plan): for buffers laid out after it (``tree.AttachBuffer``)."""
+        got = self._by_size.get(shape.size)
+        return got[2] if got is not None and got[0] is shape else 0
 
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
@@ -214,7 +273,6 @@ class TokenRecycling(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
-        self._since = RECHOOSE  # choose afresh for the new request's cache length
         if prompt_logits is not None:
             ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
             self.matrix[ids] = top_k_ids(prompt_logits, self.k).to(torch.int32)
@@ -271,16 +329,18 @@ class TokenRecycling(Drafter):
             return None
         return Draft(tokens.index_select(0, plan[1]), plan[0])
 
-    def _next_plan(self, ctx: DraftContext, budget: int | None = None):
-        """The node subset for this step (re-chosen every RECHOOSE steps); None = plain."""
+    def _next_plan(self, ctx: DraftContext, budget: int | None = None, count: bool = True):
+        """The node subset for this step (re-chosen every RECHOOSE steps); None = plain.
+        ``count``: this step takes it (else the caller picks with plan_step)."""
         budget = ctx.budget if budget is None else budget
         if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > budget):
             self.choose(ctx.latency, budget)
             self._since = 0
-        self._since += 1
         plan = self._plan
-        n = 0 if plan is None else plan[0].size - 1
-        self.chosen_sizes[n] = self.chosen_sizes.get(n, 0) + 1
+        if count:
+            self._since += 1
+            n = 0 if plan is None else plan[0].size - 1
+            self.chosen_sizes[n] = self.chosen_sizes.get(n, 0) + 1
         return plan
 
     def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:

@@ -41,6 +41,12 @@ class TreeSizer:
         s = self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
         return HostTree(tree.tokens, tree.parents, [1.0, *s.tolist()])
 
+    def scores(self, tree: HostTree) -> np.ndarray:
+        """Estimated acceptance probabilities of ``tree``'s nodes 1.. (learnt from, like
+        :meth:`calibrated`)."""
+        self._last = tree
+        return self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
+
     def cut(self, tree: HostTree, ctx) -> HostTree | None:
         """``tree`` cut to what pays at ``ctx``'s latency curve (None: a plain step); the tree
         as it is when there is no curve."""
