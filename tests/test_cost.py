@@ -120,6 +120,21 @@ def test_score_calibrator_maps_overconfident_scores_down_and_stays_monotone():
     assert cal([0.95])[0] == pytest.approx(0.475, abs=0.08)
 
 
+def test_score_calibrator_batches_updates_exactly():
+    """Updates folded in every 8 steps give the map that updating at every step gives."""
+    rng = np.random.default_rng(2)
+    one, many = ScoreCalibrator(batch=1), ScoreCalibrator(batch=8)
+    for step in range(61):
+        s = rng.uniform(0, 1, int(rng.integers(1, 12)))
+        ok = rng.uniform(0, 1, len(s)) < s
+        one.update(s, ok)
+        many.update(s, ok)
+    assert len(many._pending) == 5  # 61 = 7 * 8 + 5
+    many.flush()
+    assert np.allclose(one.n, many.n) and np.allclose(one.hits, many.hits)
+    assert np.allclose(one(np.linspace(0, 1, 21)), many(np.linspace(0, 1, 21)))
+
+
 def test_accepted_nodes_follows_the_emitted_path():
     # root -> 7 -> 8 ; root -> 9 ; 7 -> 4
     tokens, parents = [1, 7, 8, 9, 4], [-1, 0, 1, 0, 1]
@@ -353,11 +368,10 @@ class _FixedRetrieval:
 
 
 def test_hybrid_chooses_plan_and_attached_tree_together():
-    """On a bucketed curve the Token Recycling plan is sized with the retrieval tree beside it:
-    alone, Token Recycling fills the 96-node bucket (95 nodes); with a strong 20-node retrieval
-    chain the pair 63 + 32 (the chain padded) still fits 96 nodes, where 95 + 32 would pay the
-    128 bucket. Without a retrieval tree it keeps its own choice."""
-    curve = _stepped().curve()
+    """On a bucketed curve the retrieval tree is attached in the layout that pays: alone, Token
+    Recycling takes 63 nodes (the 64-node bucket); a strong 20-node retrieval chain goes beside
+    it padded to 32 (the 96-node bucket, all 20 loaded), where 95 + 32 would pay for 128."""
+    curve = _stepped(((64, 1.0), (96, 1.06), (128, 1.5), (256, 2.0))).curve()
     chain = HostTree.chain(5, list(range(10, 30)), [0.5] * 20)
     h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
     tr = h.tr
@@ -366,14 +380,42 @@ def test_hybrid_chooses_plan_and_attached_tree_together():
     tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
     tr._realized_n.fill_(1e4)
     ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
-    assert tr.plan_options(ctx, 95)[0] == 95  # its own choice
-    assert sorted(tr.plan_options(ctx, 95)) == [63, 95]  # and the other end of a bucket above half of it
-    ds = h.device_step(ctx)
-    assert ds.shape.size == 1 + 63 + 32
+    assert tr.plan_options(ctx, 95) == [63, 95]  # its own choice, then the end of the next bucket
+    h.retriever.r = None  # no match: the plan alone
+    assert h.device_step(ctx).shape.size == 1 + 63
+    h.retriever = _FixedRetrieval(chain)
+    assert h.device_step(ctx).shape.size == 1 + 63 + 32
     buf, _ = h._steps[(tr._by_size[64][3].key, 32)]
     assert buf.loaded == 20 and buf.tokens.tolist()[:20] == list(range(10, 30))
-    assert h.used["attached"] == 1
+    assert h.used["attached"] == 1 and tr.chosen_sizes == {63: 2}
 
-    h.retriever.r = None  # no match
-    assert h.device_step(ctx).shape.size == 1 + 95  # the plan alone
-    assert tr.chosen_sizes == {63: 1, 95: 1}
+
+def test_recycling_counts_acceptance_below_the_bonus_token_from_later_steps():
+    """A counted step's base tree is held until the target's next D tokens are known, so a
+    path the step's own draft stopped short of still counts in full: here the base tree's
+    rank-0 chain is the target's continuation, the step emitted one token, and the next two
+    steps bring the rest; all 7 chain nodes count as accepted (counted at once: 1)."""
+    V = 50
+    tr = TokenRecycling(vocab_size=V, template="auto")
+    t = torch.arange(V)
+    tr.matrix.copy_(torch.stack([(t + 1 + 7 * r) % V for r in range(tr.k)], 1).to(torch.int32))
+    D = tr.shape.max_depth
+    assert D == 7
+    ctx = DraftContext(tokens=[1, 2, 5], root=torch.tensor([5]), prompt_len=2, budget=200, latency=flat().curve())
+    tr.propose(ctx)
+    tr.learn([6])  # a counted step (the first): held
+    assert float(tr._realized_n) == 0
+    tr.learn([7, 8])
+    assert float(tr._realized_n) == 0  # 3 of 7 tokens known
+    tr.learn([9, 10, 11, 12, 13])
+    assert float(tr._realized_n) == 1
+    assert float(tr._realized[-1]) == 7  # every depth of the chain, none of its siblings
+    hits = tr.stats.hits
+    assert float(hits.sum()) == 7
+
+    tr2 = TokenRecycling(vocab_size=V, template="auto")  # a request ends before D tokens: counts what it knows
+    tr2.matrix.copy_(tr.matrix)
+    tr2.propose(ctx)
+    tr2.learn([6, 7])
+    tr2.begin([1, 2, 3])
+    assert float(tr2._realized_n) == 1 and float(tr2._realized[-1]) == 2

@@ -238,11 +238,10 @@ class HybridDrafter(Drafter):
     def _device_step_sized(self, ctx: DraftContext) -> DeviceStep:
         """The automatic tree: Token Recycling's plan size and the retrieval layout chosen
         together, by expected tokens per second over the pairs (plan P, layout m): P from
-        ``TokenRecycling.plan_options`` (its own choice and the sizes that end a step of the
-        latency curve), m from ATTACH_SLOTS (a layout costs its padded size, so the best m
-        retrieval nodes by calibrated score fill it), or no attachment. A bucketed curve makes
-        the pair matter: a 63-node plan plus 8 attached nodes pays for 96 nodes, as a 95-node
-        plan alone or 63 plus 32 do."""
+        ``TokenRecycling.plan_options`` (its own choice, or a larger size that ends a step of
+        the latency curve), m from ATTACH_SLOTS (a layout costs its padded size, so the best m
+        retrieval nodes by calibrated score fill it), or no attachment. On a bucketed curve a
+        plan alone may fill the bucket that the plan plus an attached tree would pay."""
         curve = ctx.latency
         tr = self.tr
         last = len(curve) - 1
