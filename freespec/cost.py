@@ -222,20 +222,27 @@ class NodeStats:
         """The host half of ``update``: ``steps`` more steps whose decay is pending."""
         self._pending += steps
 
-    def conditional(self) -> np.ndarray:
-        """Estimated P(node accepted | parent accepted); reads the counts back (one small copy)."""
+    def fold_decay(self) -> None:
+        """Apply the pending decay to the counts (on the device)."""
         if self._pending:
             f = self.decay**self._pending
             self.tries.mul_(f)
             self.hits.mul_(f)
             self._pending = 0
-        t, h = torch.stack((self.tries, self.hits)).double().cpu().numpy()
+
+    def conditional(self, counts: np.ndarray | None = None) -> np.ndarray:
+        """Estimated P(node accepted | parent accepted); reads the counts back (one small copy),
+        or takes them as read by the caller (``counts``: [tries, hits], after ``fold_decay``)."""
+        if counts is None:
+            self.fold_decay()
+            counts = torch.stack((self.tries, self.hits)).double().cpu().numpy()
+        t, h = counts
         m = self.strength
         return (h + m * self.prior) / (t + m)
 
-    def path_probs(self) -> np.ndarray:
+    def path_probs(self, counts: np.ndarray | None = None) -> np.ndarray:
         """P(node accepted) = product of conditionals from the root; index 0 (the root) = 1."""
-        p = self.conditional()
+        p = self.conditional(counts)
         p[0] = 1.0
         for nodes in self._levels:  # a level's parents are all final before it
             p[nodes] *= p[self.parents[nodes]]

@@ -137,6 +137,7 @@ class TokenRecycling(Drafter):
         # and the size choice rests on that margin), decayed sums over counted steps.
         n = self.shape.size
         self._rank_of = torch.arange(n, device=dev)  # each base node's rank (root 0)
+        self._rank_host = torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda")  # staging for it
         self._realized = torch.zeros(n, dtype=torch.float32, device=dev)
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
@@ -162,16 +163,22 @@ class TokenRecycling(Drafter):
             k = min(get_template(default_template(self.device)).size, n_base, budget)
             order = np.arange(1, k + 1)
         else:
-            p = self.probs()
-            order = order_nodes(p, self.stats.parents)
+            # one read back of everything the choice looks at (each read is a sync on a GPU)
+            st = self.stats
+            st.fold_decay()
+            read = torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
+            n = len(st.prior)
+            p = st.path_probs(read[: 2 * n].reshape(2, n))
+            order = order_nodes(p, st.parents)
             self._ranked = (p, order)
             self._top = {}  # plans of other sizes come from this ranking now (plan_step)
-            gain = self._blended_gain(p[order])
+            gain = self._blended_gain(p[order], read[2 * n :])
             self._gain = gain
             k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
-            rank = np.zeros(n_base + 1, dtype=np.int64)
+            rank = self._rank_host.numpy()
+            rank[0] = 0
             rank[order] = np.arange(1, n_base + 1)
-            self._rank_of.copy_(torch.from_numpy(rank))
+            self._rank_of.copy_(self._rank_host, non_blocking=True)  # (pinned on a GPU: no wait)
             # Hysteresis: keep the current plan unless the new one is predicted clearly faster
             # (each new plan costs a CUDA graph capture; estimates wobble from step to step).
             cur = self._plan_key
@@ -203,12 +210,15 @@ class TokenRecycling(Drafter):
             self._plans[key] = plan
         return plan
 
-    def _blended_gain(self, ranked_p: np.ndarray) -> np.ndarray:
+    def _blended_gain(self, ranked_p: np.ndarray, realized: np.ndarray | None = None) -> np.ndarray:
         """Expected accepted nodes among the k best-ranked, k = 0..n: the per-node estimates'
         running sum, pulled toward the realized counts by rank as they accumulate (weight
-        n / (n + REALIZED_PRIOR) for n counted steps)."""
+        n / (n + REALIZED_PRIOR) for n counted steps). ``realized``: [counts by rank..., n] as
+        read by the caller (else read here)."""
         model = np.concatenate(([0.0], np.cumsum(np.clip(ranked_p, 0.0, 1.0))))
-        both = torch.cat((self._realized, self._realized_n)).double().cpu().numpy()  # one copy
+        both = realized
+        if both is None:
+            both = torch.cat((self._realized, self._realized_n)).double().cpu().numpy()  # one copy
         real, n = both[:-1], float(both[-1])
         if n <= 0:
             return model

@@ -54,10 +54,6 @@ class TreeSizer:
             return tree
         return size_tree(self.calibrated(tree), ctx.latency, ctx.budget)
 
-    def forget(self) -> None:
-        """This step teaches nothing (the last tree is dropped unlearnt)."""
-        self._last = None
-
     def learn(self, accepted: list[int]) -> None:
         """Which of the last tree's nodes the target took (drafted or cut) -> calibration."""
         t, self._last = self._last, None
