@@ -295,9 +295,10 @@ class ScoreCalibrator:
     def __call__(self, scores) -> np.ndarray:
         return self._map[self._bin(scores)]
 
-    def update(self, scores, accepted) -> None:
-        """One step's observations: the nodes' scores and whether each was accepted."""
-        self._pending.append((self._bin(scores), accepted))
+    def update(self, scores, accepted, bins: np.ndarray | None = None) -> None:
+        """One step's observations: the nodes' scores and whether each was accepted
+        (``bins``: the scores' bins, if the caller has them already)."""
+        self._pending.append((self._bin(scores) if bins is None else bins, accepted))
         if len(self._pending) >= self.batch:
             self.flush()
 
@@ -325,16 +326,16 @@ def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Seque
     sampling with position-tied noise), so this holds for nodes that were never verified too.
     """
     n = len(tokens)
-    ok = np.zeros(n, dtype=bool)
-    ok[0] = True
-    depth = [0] * n
     m = len(emitted)
+    ok = [False] * n
+    ok[0] = True
+    depth = [0] * n  # (only read for nodes whose parent is on the path)
     for i in range(1, n):
         p = parents[i]
-        d = depth[p] + 1
-        depth[i] = d
-        ok[i] = ok[p] and d <= m and tokens[i] == emitted[d - 1]
-    return ok
+        if ok[p]:
+            d = depth[i] = depth[p] + 1
+            ok[i] = d <= m and tokens[i] == emitted[d - 1]
+    return np.array(ok, dtype=bool)
 
 
 # --------------------------------------------------------------------------- calibration

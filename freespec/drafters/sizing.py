@@ -34,18 +34,22 @@ class TreeSizer:
     def __init__(self):
         self.cal = ScoreCalibrator()
         self._last: HostTree | None = None  # the raw tree of this step, to learn from
+        self._bins: np.ndarray | None = None  # its scores' calibration bins
 
     def calibrated(self, tree: HostTree) -> HostTree:
         """The same tree with scores mapped to estimated acceptance probabilities."""
-        self._last = tree
-        s = self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
+        s = self.scores(tree)
         return HostTree(tree.tokens, tree.parents, [1.0, *s.tolist()])
 
     def scores(self, tree: HostTree) -> np.ndarray:
         """Estimated acceptance probabilities of ``tree``'s nodes 1.. (learnt from, like
         :meth:`calibrated`)."""
         self._last = tree
-        return self.cal(tree.scores[1:]) if tree.size > 1 else np.zeros(0)
+        if tree.size <= 1:
+            self._bins = None
+            return np.zeros(0)
+        self._bins = self.cal._bin(tree.scores[1:])
+        return self.cal._map[self._bins]
 
     def cut(self, tree: HostTree, ctx) -> HostTree | None:
         """``tree`` cut to what pays at ``ctx``'s latency curve (None: a plain step); the tree
@@ -60,7 +64,7 @@ class TreeSizer:
         if t is None or t.size <= 1:
             return
         ok = accepted_nodes(t.tokens, t.parents, accepted)
-        self.cal.update(t.scores[1:], ok[1:])
+        self.cal.update(t.scores[1:], ok[1:], bins=self._bins)
 
 
 class SizedRetrieval:
