@@ -419,3 +419,14 @@ def test_recycling_counts_acceptance_below_the_bonus_token_from_later_steps():
     tr2.learn([6, 7])
     tr2.begin([1, 2, 3])
     assert float(tr2._realized_n) == 1 and float(tr2._realized[-1]) == 2
+
+
+def test_recycling_reset_drops_a_held_count():
+    """A count held for the next tokens belongs to the statistics that ``reset`` clears."""
+    tr = TokenRecycling(vocab_size=50, template="auto")
+    ctx = DraftContext(tokens=[1, 2, 5], root=torch.tensor([5]), prompt_len=2, budget=200, latency=flat().curve())
+    tr.propose(ctx)
+    tr.learn([6])  # held
+    tr.reset()
+    tr.learn([7, 8, 9, 10, 11, 12, 13])
+    assert float(tr._realized_n) == 0 and float(tr.stats.tries.sum()) == 0

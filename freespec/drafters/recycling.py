@@ -43,8 +43,8 @@ AUTO_BASE = "tr160"  # the node pool the automatic choice picks from
 RECHOOSE = 32
 # A new plan must promise this much more speed than the current one. (It was 2%, when every
 # new plan was a new CUDA graph capture; plans are now laid into one buffer per size. On the
-# H100 the 64- and 96-node buckets differ by ~4%, and 2% kept a first choice of 63 nodes where
-# 95 gave 3% more speed.)
+# H100 the 64- and 96-node buckets differ by ~4%, and at 2% a first choice of 63 nodes held for a
+# whole run, where 95 had run 3% faster in another; at 1% the choice still varies run to run.)
 HYSTERESIS = 0.01
 # Acceptance is counted on one step in this many, after the step, from the base tree it filled
 # (the count is ~15 small kernels: in every step it cost ~0.05 ms on an H100, ~1.5%; as a
@@ -502,6 +502,7 @@ class TokenRecycling(Drafter):
         self.stats.reset()
         self._realized.zero_()
         self._realized_n.zero_()
+        self._after = None  # a held count belongs to the statistics just cleared
         self._since = RECHOOSE
 
     def save(self, path: str | Path) -> None:
@@ -526,6 +527,7 @@ class TokenRecycling(Drafter):
         stats = state.get("stats")
         if stats is not None and state.get("template") == self.template.name:
             self.stats.load_state_dict(stats)
+        self._after = None  # a held count is of the matrix and statistics replaced
         self._since = RECHOOSE
 
 
