@@ -272,9 +272,9 @@ class ScoreCalibrator:
     Retrieval counts and draft-model probabilities are over-confident (a continuation seen
     once has "probability 1"). Estimates are binned; each bin's rate is smoothed toward its
     centre and the map made non-decreasing, so a child never outranks its parent. Updates
-    (one per step) are gathered and folded in every ``batch`` of them, or when the map is read
-    after ``batch`` steps: a step's update is a few small array operations (~20 us of a
-    GPU step's host time), and a map a few steps old sizes trees as well.
+    (one per step) are gathered and folded in every ``batch`` of them: a step's update is a few
+    small array operations (~20 us of a GPU step's host time), and a map up to ``batch - 1``
+    steps old sizes trees as well.
     """
 
     def __init__(self, bins: int = 20, strength: float = 8.0, decay: float = 0.999, batch: int = 8):
@@ -288,17 +288,22 @@ class ScoreCalibrator:
         self._map = self.centres.copy()
         self._pending: list[tuple[np.ndarray, object]] = []  # (bins, accepted) not folded in yet
 
-    def _bin(self, scores) -> np.ndarray:
+    def bin(self, scores) -> np.ndarray:
+        """Each score's bin (for :meth:`rates` and ``update(bins=...)``)."""
         s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
         return np.minimum((s * self.bins).astype(np.int64), self.bins - 1)
 
+    def rates(self, bins: np.ndarray) -> np.ndarray:
+        """The calibrated acceptance rate of each bin in ``bins``."""
+        return self._map[bins]
+
     def __call__(self, scores) -> np.ndarray:
-        return self._map[self._bin(scores)]
+        return self.rates(self.bin(scores))
 
     def update(self, scores, accepted, bins: np.ndarray | None = None) -> None:
         """One step's observations: the nodes' scores and whether each was accepted
         (``bins``: the scores' bins, if the caller has them already)."""
-        self._pending.append((self._bin(scores) if bins is None else bins, accepted))
+        self._pending.append((self.bin(scores) if bins is None else bins, accepted))
         if len(self._pending) >= self.batch:
             self.flush()
 

@@ -210,16 +210,13 @@ class TokenRecycling(Drafter):
             self._plans[key] = plan
         return plan
 
-    def _blended_gain(self, ranked_p: np.ndarray, realized: np.ndarray | None = None) -> np.ndarray:
+    def _blended_gain(self, ranked_p: np.ndarray, realized: np.ndarray) -> np.ndarray:
         """Expected accepted nodes among the k best-ranked, k = 0..n: the per-node estimates'
         running sum, pulled toward the realized counts by rank as they accumulate (weight
-        n / (n + REALIZED_PRIOR) for n counted steps). ``realized``: [counts by rank..., n] as
-        read by the caller (else read here)."""
+        n / (n + REALIZED_PRIOR) for n counted steps). ``realized``: [counts by rank..., n], as
+        read back by ``choose``."""
         model = np.concatenate(([0.0], np.cumsum(np.clip(ranked_p, 0.0, 1.0))))
-        both = realized
-        if both is None:
-            both = torch.cat((self._realized, self._realized_n)).double().cpu().numpy()  # one copy
-        real, n = both[:-1], float(both[-1])
+        real, n = realized[:-1], float(realized[-1])
         if n <= 0:
             return model
         w = n / (n + REALIZED_PRIOR)

@@ -48,8 +48,8 @@ class TreeSizer:
         if tree.size <= 1:
             self._bins = None
             return np.zeros(0)
-        self._bins = self.cal._bin(tree.scores[1:])
-        return self.cal._map[self._bins]
+        self._bins = self.cal.bin(tree.scores[1:])
+        return self.cal.rates(self._bins)
 
     def cut(self, tree: HostTree, ctx) -> HostTree | None:
         """``tree`` cut to what pays at ``ctx``'s latency curve (None: a plain step); the tree
