@@ -217,7 +217,7 @@ def test_trees_are_sized_by_step_time_host_work_included():
 
     class Spy(TokenRecycling):
         def propose(self, ctx):
-            seen.append(ctx.latency)
+            seen.append((ctx.latency, eng.host_overhead))  # the overhead as of this proposal
             return super().propose(ctx)
 
     model = tiny_model("llama")
@@ -226,7 +226,8 @@ def test_trees_are_sized_by_step_time_host_work_included():
     eng.generate([1, 2, 3, 4, 5], 40)
     assert eng.host_overhead > 0
     base = lat.curve(0)
-    last = seen[-1]
+    last, ovh = seen[-1]
     shift = last[1:] - base[1:]
     assert np.allclose(shift, shift[0]) and shift[0] > 0  # one constant added to every size
-    assert abs(shift[0] - eng.host_overhead) <= 0.01 * base[1] + 1e-12
+    # the curve is rebuilt when the overhead moves by 1% of a plain step, so it lags by less
+    assert abs(shift[0] - ovh) <= 0.01 * base[1] + 1e-12
