@@ -437,3 +437,44 @@ def test_recycling_reset_drops_a_held_count():
     tr.reset()
     tr.learn([7, 8, 9, 10, 11, 12, 13])
     assert float(tr._realized_n) == 0 and float(tr.stats.tries.sum()) == 0
+
+
+def test_step_times_correct_the_curve_per_bucket():
+    from freespec.cost import StepTimes
+
+    lat = LatencyModel([1, 64, 96, 128], [0], [[3.0e-3, 3.04e-3, 3.17e-3, 3.24e-3]], bucketed=True)
+    st = StepTimes(lat, rate=0.5, min_steps=4)
+    base = lat.curve(0)
+    assert np.allclose(st.apply(base)[1:], base[1:])  # nothing measured: the calibration
+    for _ in range(10):
+        st.update(64, base[64], 3.02e-3)  # the 64 bucket is cheaper than calibrated
+        st.update(120, base[120], 3.32e-3)  # the 128 bucket dearer
+    r128 = st.ratio[3]
+    st.update(120, base[120], 1.0)  # a capture: clipped, moves the estimate by 1.5x at most
+    assert st.ratio[3] == pytest.approx(r128 * (1 + 0.5 * 0.5))
+    st.ratio[3] = r128
+    st.update(80, base[80], 3.17e-3 * 1.01)  # one step of the 96 bucket: too few, the calibration
+    c = st.apply(base)
+    assert c[64] == pytest.approx(3.02e-3) and c[33] == pytest.approx(3.02e-3)  # (one bucket)
+    assert c[128] == pytest.approx(3.32e-3) and c[97] == pytest.approx(3.32e-3)
+    assert c[96] == pytest.approx(3.17e-3) and c[1] == pytest.approx(3.0e-3)
+    assert st.steps.tolist() == [0, 10, 1, 11]
+    assert st.apply(base) is c  # unchanged: the same array (drafters cache by identity)
+    st.rate = 0.01
+    st.update(64, base[64], 3.02e-3 * 1.1)  # a move below the tolerance: still the same
+    assert st.apply(base) is c
+    assert st.apply(lat.curve(4096)) is not c
+
+
+def test_step_times_unbucketed_curve_interpolates():
+    from freespec.cost import StepTimes
+
+    lat = steep()  # sizes 1, 2, 4, ..., 64, interpolated
+    st = StepTimes(lat, rate=1.0, min_steps=1)
+    base = lat.curve(0)
+    st.update(4, base[4], 1.4 * base[4])
+    st.update(5, base[5], 1.4 * base[5])  # nearest measured size: 4
+    st.update(8, base[8], base[8])
+    f = st.factor()
+    assert st.steps.tolist() == [0, 0, 2, 1, 0, 0, 0]
+    assert f[4] == pytest.approx(1.4) and f[8] == pytest.approx(1.0) and f[6] == pytest.approx(1.2)
