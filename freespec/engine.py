@@ -118,7 +118,6 @@ class Engine:
         # which favours larger trees).
         self.host_overhead = 0.0
         self._curve_for: tuple = (None, 0.0, None)  # (base curve, overhead, base + overhead)
-        self._times = None  # cost.StepTimes: measured step times over the latency curve
 
     def ensure_latency(self, progress=None):
         """The latency curve for this model/device/backend: cached on disk, measured if missing."""
@@ -128,20 +127,10 @@ class Engine:
             self.latency = load_or_calibrate(self.model, self.backend, progress=progress)
         return self.latency
 
-    def _step_times(self, lat):
-        """The running correction of ``lat`` by measured step times (one per curve)."""
-        t = self._times
-        if t is None or t.lat is not lat:
-            from .cost import StepTimes
-
-            t = self._times = StepTimes(lat)
-        return t
-
     def _step_curve(self, lat, cache_len: int):
-        """The latency curve at this cache length, corrected by the steps' measured times
-        (``cost.StepTimes``), plus the host overhead (rebuilt only when the corrected curve
-        changes or the overhead moves by 1% of a plain step)."""
-        base = self._step_times(lat).apply(lat.curve(cache_len))
+        """The latency curve at this cache length plus the host overhead (rebuilt only when the
+        base curve changes or the overhead moves by 1% of a plain step)."""
+        base = lat.curve(cache_len)
         b, ovh, c = self._curve_for
         if b is not base or abs(ovh - self.host_overhead) > 0.01 * base[1]:
             ovh = self.host_overhead
@@ -237,7 +226,6 @@ class Engine:
         be, drafter, dev = self.backend, self.drafter, self.backend.device
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         lat = self.ensure_latency() if drafter is not None and drafter.wants_latency else None
-        times = None if lat is None else self._step_times(lat)
         noise = None
         if not sampling.greedy:
             gen = torch.Generator(device=dev)
@@ -294,9 +282,7 @@ class Engine:
             budget = be.max_length - be.cache_len - 1
             draft = ds = curve = None
             if drafter is not None:
-                if lat is not None:
-                    curve = self._step_curve(lat, be.cache_len)
-                    expect = lat.curve(be.cache_len)  # (the calibrated step, for StepTimes)
+                curve = None if lat is None else self._step_curve(lat, be.cache_len)
                 ctx = DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
                 if on_device:
                     ds = drafter.device_step(ctx)  # ctx.root may be None: the backend holds it
@@ -369,8 +355,6 @@ class Engine:
             if curve is not None:  # (a step with a long pause, e.g. a garbage collection, is capped)
                 spent = min((tb - ta) + (td - tc), curve[1])
                 self.host_overhead += 0.05 * (spent - self.host_overhead)
-                if size < len(expect):
-                    times.update(size, expect[size], tc - tb)
             if piece:
                 yield piece
 
