@@ -306,13 +306,26 @@ class TokenRecycling(Drafter):
 
     def candidates(self, limit: int = 64) -> HostTree | None:
         """The ``limit`` most probable nodes of this step's base tree, scored by P(accepted),
-        on the host (one device->host copy): for drafters that merge them with other trees."""
+        on the host (one device->host copy): for drafters that merge them with other trees.
+
+        A node's score is the expected gain of its rank in the last choice's order (the
+        realized gain by rank, blended with the estimates as for the size choice; made
+        non-increasing down the ranking, so a parent scores at least its children): the
+        per-node estimates lean on the rank prior and rank nodes well, but as probabilities
+        they are as far off as the prior. (SmolLM2 on the CPU, Spec-Bench 5 per category,
+        hybrid over suffix decoding alone in the same run: 0.974 scored by the estimates,
+        0.992 by rank.)"""
         if self._base is None or self._ranked is None:
             return None
         p, order = self._ranked
+        scores = p.copy()
+        if self._gain is not None:
+            marg = np.minimum.accumulate(np.maximum(np.diff(self._gain), 0.0))
+            scores[order[: len(marg)]] = marg
+        scores[0] = 1.0
         keep = sorted(int(i) for i in order[:limit])
         tokens = self._base.tolist()
-        full = HostTree(tokens, [int(x) for x in self.stats.parents], [1.0, *p[1:].tolist()])
+        full = HostTree(tokens, [int(x) for x in self.stats.parents], scores.tolist())
         return _subset(full, keep)
 
     def fill(self, root: torch.Tensor) -> torch.Tensor:
