@@ -437,3 +437,30 @@ def test_recycling_reset_drops_a_held_count():
     tr.reset()
     tr.learn([7, 8, 9, 10, 11, 12, 13])
     assert float(tr._realized_n) == 0 and float(tr.stats.tries.sum()) == 0
+
+
+def test_recycling_candidates_score_by_rank_gain():
+    """The nodes handed to a merging drafter carry the expected gain of their rank (what the
+    size choice itself rests on), non-increasing down the ranking, parents first."""
+    tr = TokenRecycling(vocab_size=20, template="auto")
+    for t in range(20):
+        tr.matrix[t, 0] = (t + 1) % 20
+    seq = list(range(20)) * 20
+    for i in range(2, 300, 3):
+        d = tr.propose(_ctx(seq[:i], flat().curve()))
+        logits = torch.zeros(d.size, 20)
+        logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0
+        tr.observe(d, logits, seq[i : i + 3])
+    c = tr.candidates(limit=40)
+    p, order = tr._ranked
+    assert c is not None and c.size == 41
+    gain = [tr.plan_gain(k) - 1.0 for k in range(41)]
+    want = np.minimum.accumulate(np.maximum(np.diff(gain), 0.0))
+    # the candidate tree keeps the 40 best-ranked base nodes in base order: match them by rank
+    rank = {int(n): r for r, n in enumerate(order[:40])}
+    kept = sorted(rank)
+    got = {rank[n]: c.scores[j + 1] for j, n in enumerate(kept)}
+    assert np.allclose([got[r] for r in range(40)], want)
+    assert all(c.scores[c.parents[j]] >= c.scores[j] for j in range(1, c.size))
+    # the chain the text follows is learnt as likely (the realized gain), others as unlikely
+    assert got[0] > 0.5 and want[-1] < 0.2
