@@ -51,7 +51,7 @@ def test_replay_policies():
     assert 1.0 <= tr80 <= full
     # a prior that outweighs any count: the online choice is the prior's ranking, at every step
     strong = replay.learned(h, base, 80, strength=1e12)
-    assert (strong == base.top(base.path_probs(base.prior), 80)[None]).all()
+    assert (strong == base.top(base.stats().path_probs(), 80)[None]).all()
     assert strong.sum(1).tolist() == [81] * len(h)
     # the hindsight ranking is learnt from these very steps: the best of the fixed choices
     text = replay.report(rec, sizes=(80,), strengths=(4.0,))

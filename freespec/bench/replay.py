@@ -21,9 +21,9 @@ import sys
 import numpy as np
 import torch
 
-from ..cost import NodeStats, order_nodes
+from ..cost import NodeStats, accepted_nodes, order_nodes
 from ..drafters.recycling import AUTO_BASE, LEARN_EVERY, PRIOR_STRENGTH, RECHOOSE, TokenRecycling
-from ..tree import get_template, rank_prior
+from ..tree import get_template
 
 
 class _Recorder(TokenRecycling):
@@ -59,16 +59,15 @@ def record(engine, prompts: list[tuple[str, list[int]]], max_new_tokens: int, lo
 
 
 class Base:
-    """The base template as replay sees it: parents, depths, ranks' prior (nodes level by level,
-    as the drafter lays them out)."""
+    """The base template as the drafter lays it out (nodes level by level), read from a
+    drafter built on it: parents, depths and the rank prior of each node given its parent."""
 
     def __init__(self, name: str = AUTO_BASE):
-        t = get_template(name)
-        self.paths = tuple(sorted(t.paths, key=lambda p: (len(p), p)))
-        index = {p: i for i, p in enumerate(self.paths, start=1)}
-        self.parents = np.array([-1] + [index.get(p[:-1], 0) for p in self.paths])
-        self.depth = np.array([0] + [len(p) for p in self.paths])
-        self.prior = np.array([1.0] + [rank_prior(p) / rank_prior(p[:-1]) for p in self.paths])
+        tr = TokenRecycling(vocab_size=8, template=name)  # (8: the smallest matrix its ranks fit)
+        self.paths = tr.template.paths
+        self.parents = tr.stats.parents
+        self.prior = tr.stats.prior
+        self.depth = tr.shape.depth.numpy()
         self.n = len(self.parents)
 
     def mask(self, template: str) -> np.ndarray:
@@ -79,12 +78,8 @@ class Base:
             raise ValueError(f"template {template} is not inside {AUTO_BASE}")
         return m
 
-    def path_probs(self, cond: np.ndarray) -> np.ndarray:
-        p = cond.astype(np.float64).copy()
-        p[0] = 1.0
-        for i in range(1, self.n):
-            p[i] *= p[self.parents[i]]
-        return p
+    def stats(self, strength: float = PRIOR_STRENGTH, decay: float = 0.998) -> NodeStats:
+        return NodeStats(self.prior, self.parents, "cpu", strength=strength, decay=decay)
 
     def top(self, probs: np.ndarray, k: int) -> np.ndarray:
         m = np.zeros(self.n, dtype=bool)
@@ -99,16 +94,10 @@ def hits(recording: dict, base: Base) -> np.ndarray:
     D = int(base.depth.max())
     rows = []
     for run in recording["runs"]:
-        out = np.asarray(run["tokens"])
+        out = run["tokens"]
         for pos, toks in run["steps"]:
-            if pos + D > len(out):
-                continue
-            want = out[pos + base.depth[1:] - 1]  # the target's token at each node's depth
-            ok = np.ones(base.n, dtype=bool)
-            match = toks[1:] == want
-            for i in range(1, base.n):  # parents precede children
-                ok[i] = match[i - 1] and ok[base.parents[i]]
-            rows.append(ok)
+            if pos + D <= len(out):
+                rows.append(accepted_nodes(toks.tolist(), base.parents, out[pos : pos + D]))
     return np.array(rows, dtype=bool).reshape(-1, base.n)
 
 
@@ -121,11 +110,10 @@ def learned(h: np.ndarray, base: Base, k: int, strength: float = PRIOR_STRENGTH,
             rechoose: int = RECHOOSE, decay: float = 0.998) -> np.ndarray:
     """[steps, nodes]: the ``k`` best nodes by the drafter's online estimates (NodeStats, one
     step in ``every`` counted, re-chosen every ``rechoose`` steps), as it would have drafted."""
-    st = NodeStats(base.prior, base.parents, "cpu", strength=strength, decay=decay)
+    st = base.stats(strength, decay)
     tried = torch.from_numpy(h[:, np.maximum(base.parents, 0)] & (base.parents >= 0))
     hit = torch.from_numpy(h) & tried
     out = np.zeros_like(h)
-    m = base.top(base.path_probs(base.prior), k)
     for s in range(len(h)):
         if s % rechoose == 0:
             m = base.top(st.path_probs(), k)
@@ -140,14 +128,15 @@ def report(recording: dict, sizes=(63, 80, 95, 127), strengths=(4.0, 16.0, PRIOR
     base = Base(recording.get("template", AUTO_BASE))
     h = hits(recording, base)
     ref = tokens_per_step(h, base, base.mask("tr80"))
-    cond = (h.sum(0) + 1e-3 * base.prior) / (h[:, np.maximum(base.parents, 0)].sum(0) + 1e-3)
-    hind = base.path_probs(cond)
+    prior = base.stats().path_probs()  # (no counts: the rank prior)
+    tried = h[:, np.maximum(base.parents, 0)].sum(0)
+    hind = base.stats(strength=1e-3).path_probs(np.stack((tried, h.sum(0))).astype(np.float64))
     lines = [f"{len(h)} steps; tokens per step: tr80 {ref:.3f}, full {AUTO_BASE} "
              f"{tokens_per_step(h, base, np.ones(base.n, bool)):.3f}; others as a ratio to tr80",
              "nodes | prior | " + " | ".join(f"strength {s:g}" for s in strengths) + " | hindsight",
              "---|---|" + "---|" * len(strengths) + "---"]
     for k in sizes:
-        row = [tokens_per_step(h, base, base.top(base.path_probs(base.prior), k))]
+        row = [tokens_per_step(h, base, base.top(prior, k))]
         row += [tokens_per_step(h, base, learned(h, base, k, strength=s)) for s in strengths]
         row.append(tokens_per_step(h, base, base.top(hind, k)))
         lines.append(f"{k} | " + " | ".join(f"{x / ref:.4f}" for x in row))
