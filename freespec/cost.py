@@ -320,8 +320,32 @@ class ScoreCalibrator:
         a = np.concatenate([np.asarray(a, dtype=np.float64) for _, a in pend])
         self.n = self.n * f + np.bincount(b, weights=w, minlength=self.bins)
         self.hits = self.hits * f + np.bincount(b, weights=w * a, minlength=self.bins)
-        rate = (self.hits + self.strength * self.centres) / (self.n + self.strength)
-        self._map = np.maximum.accumulate(rate)
+        w = self.n + self.strength
+        self._map = isotonic((self.hits + self.strength * self.centres) / w, w)
+
+
+def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``y`` in weighted least squares (pool adjacent
+    violators): a run of values out of order becomes their weighted mean.
+
+    A running maximum instead lifts every bin above a sparse one to that bin's value: on the
+    H100 a few retrieval nodes in bins 0.70-0.95, still near their prior centres, lifted the
+    0.95-1.0 bin (10,000 nodes, 40% accepted) to 0.84, and hybrid attached retrieval trees
+    for twice the tokens they brought."""
+    vals: list[float] = []
+    wts: list[float] = []
+    counts: list[int] = []
+    for v, x in zip(np.asarray(y, dtype=np.float64).tolist(), np.asarray(w, dtype=np.float64).tolist()):
+        c = 1
+        while vals and vals[-1] > v:  # pool with the block before while out of order
+            pv, px, pc = vals.pop(), wts.pop(), counts.pop()
+            v = (pv * px + v * x) / (px + x)
+            x += px
+            c += pc
+        vals.append(v)
+        wts.append(x)
+        counts.append(c)
+    return np.repeat(vals, counts)
 
 
 def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Sequence[int]) -> np.ndarray:
@@ -330,17 +354,27 @@ def accepted_nodes(tokens: Sequence[int], parents: Sequence[int], emitted: Seque
     The tokens the target emits after a prefix do not depend on what was drafted (greedy, and
     sampling with position-tied noise), so this holds for nodes that were never verified too.
     """
+    return path_outcome(tokens, parents, emitted)[0]
+
+
+def path_outcome(tokens: Sequence[int], parents: Sequence[int], emitted: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """``accepted_nodes``, and whether that is every node's final outcome: False while a node
+    hangs below the last emitted token's node (it needs the target's next token)."""
     n = len(tokens)
     m = len(emitted)
     ok = [False] * n
     ok[0] = True
+    final = True
     depth = [0] * n  # (only read for nodes whose parent is on the path)
     for i in range(1, n):
         p = parents[i]
         if ok[p]:
             d = depth[i] = depth[p] + 1
-            ok[i] = d <= m and tokens[i] == emitted[d - 1]
-    return np.array(ok, dtype=bool)
+            if d > m:
+                final = False
+            else:
+                ok[i] = tokens[i] == emitted[d - 1]
+    return np.array(ok, dtype=bool), final
 
 
 # --------------------------------------------------------------------------- calibration

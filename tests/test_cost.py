@@ -120,6 +120,55 @@ def test_score_calibrator_maps_overconfident_scores_down_and_stays_monotone():
     assert cal([0.95])[0] == pytest.approx(0.475, abs=0.08)
 
 
+def test_score_calibrator_pools_a_sparse_bin_into_a_dense_one():
+    """Made monotone by pooling (weighted), not by a running maximum: a bin holding a couple of
+    nodes, still near its prior, does not lift the dense bin above it (H100: a 0.95-1.0 bin
+    accepted 40% of the time was mapped to 0.84)."""
+    cal = ScoreCalibrator(decay=1.0)
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        cal.update(np.full(25, 0.99), rng.uniform(0, 1, 25) < 0.4)
+    cal.update([0.91, 0.91], [True, False])
+    cal.flush()
+    assert cal([0.99])[0] == pytest.approx(0.4, abs=0.03)
+    assert cal([0.91])[0] <= cal([0.99])[0]
+    m = cal(np.linspace(0, 1, 41))
+    assert np.all(np.diff(m) >= 0)
+
+
+def test_isotonic_is_the_weighted_least_squares_monotone_fit():
+    from freespec.cost import isotonic
+
+    assert isotonic(np.array([0.1, 0.9, 0.4]), np.array([1.0, 1.0, 100.0])) == pytest.approx(
+        [0.1, (0.9 + 40.0) / 101.0, (0.9 + 40.0) / 101.0])
+    assert isotonic(np.array([0.1, 0.2, 0.3]), np.ones(3)) == pytest.approx([0.1, 0.2, 0.3])
+    y = np.random.default_rng(4).uniform(0, 1, 30)
+    w = np.random.default_rng(5).uniform(0.5, 3, 30)
+    got = isotonic(y, w)
+    assert np.all(np.diff(got) >= -1e-12)
+    assert np.dot(got, w) == pytest.approx(np.dot(y, w))  # pooling keeps the weighted mean
+
+
+def test_tree_sizer_waits_for_the_tokens_below_the_step():
+    """A node on the path whose depth the step's tokens do not reach is learnt from the next
+    steps' tokens, not as rejected: here the chain a, b, c, d is drafted beside a tree that
+    won (the step emitted 'a' only); the next step shows b right and c wrong."""
+    from freespec.drafters.sizing import TreeSizer
+
+    sz = TreeSizer()
+    sz.cal = ScoreCalibrator(decay=1.0, batch=1)
+    chain = HostTree.chain(5, [10, 11, 12, 13], [0.9, 0.9, 0.9, 0.9])
+    sz.scores(chain)
+    sz.learn([10])
+    assert sz.cal.n.sum() == 0  # b's outcome is not known yet
+    sz.learn([11, 99])
+    assert sz.cal.n.sum() == 4 and sz.cal.hits.sum() == 2  # a, b accepted; c, d not
+    sz.scores(chain)
+    sz.learn([10, 11])
+    sz.end()  # the request ended: what was not reached was not accepted
+    assert sz.cal.n.sum() == 8 and sz.cal.hits.sum() == 4
+
+
 def test_score_calibrator_batches_updates_exactly():
     """Updates folded in every 8 steps give the map that updating at every step gives."""
     rng = np.random.default_rng(2)
@@ -395,6 +444,44 @@ def test_hybrid_chooses_plan_and_attached_tree_together():
     buf, _ = h._steps[(tr._by_size[64][3].key, 32)]
     assert buf.loaded == 20 and buf.tokens.tolist()[:20] == list(range(10, 30))
     assert h.used["attached"] == 1 and tr.chosen_sizes == {63: 2}
+
+
+def test_hybrid_counts_what_an_attached_tree_adds_beyond_the_plan():
+    """An attached node gains only where Token Recycling's plan stops short of its depth: a
+    5-node chain is attached where the plan rarely reaches depth 1, and left out where the plan
+    is sure to reach depth 7 (it could only repeat the plan's path)."""
+    curve = _stepped(((64, 1.0), (96, 1.01), (128, 1.5), (256, 2.0))).curve()
+    chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
+    for reach, attached in ((0.0, True), (1.0, False)):
+        h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+        tr = h.tr
+        real = 1.5 * (1.0 - np.exp(-np.arange(tr.shape.size) / 20.0))
+        tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+        tr._realized_n.fill_(1e4)
+        tr.plan_reach = lambda size, r=reach: np.full(tr.shape.max_depth, r)
+        h.device_step(ctx)
+        assert h.used["attached"] == int(attached)
+
+
+def test_recycling_plan_reach_spreads_the_plan_gain_over_depths():
+    tr = TokenRecycling(vocab_size=20, template="auto")
+    for t in range(20):
+        tr.matrix[t, 0] = (t + 1) % 20
+    seq = list(range(20)) * 20
+    for i in range(2, 300, 3):
+        d = tr.propose(_ctx(seq[:i], flat().curve()))
+        logits = torch.zeros(d.size, 20)
+        logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0
+        tr.observe(d, logits, seq[i : i + 3])
+    D = tr.shape.max_depth
+    assert tr.plan_reach(0).tolist() == [0.0] * D
+    for size in (1, 10, 80):
+        r = tr.plan_reach(size)
+        assert r.shape == (D,) and np.all((r >= 0) & (r <= 1))
+        if r.max() < 1:  # (nothing clipped) the expected accepted count is the plan's gain
+            assert r.sum() == pytest.approx(tr.plan_gain(size) - 1.0)
+    assert tr.plan_reach(1)[1:].sum() == 0  # one node: depth 1 only
 
 
 def test_recycling_counts_acceptance_below_the_bonus_token_from_later_steps():

@@ -80,6 +80,7 @@ class PromptLookup(SizedRetrieval, Drafter):
 
     # ------------------------------------------------------------------ index
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        self.sizer.end()  # the last request's trees still waiting for tokens
         self._toks: list[int] = []
         self._index: dict[tuple[int, ...], list[int]] = {}
         self._done = 0  # positions < _done are indexed (a position is indexed once its successor exists)

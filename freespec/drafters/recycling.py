@@ -98,6 +98,7 @@ class TokenRecycling(Drafter):
             raise ValueError(f"template {t.name} uses rank {t.max_rank - 1} but the matrix keeps k={self.k}")
         self.template = t
         self.shape = TreeShape.from_parents(t.parents(), self.device)
+        self._node_depth = np.array([0] + [len(p) for p in t.paths])  # (host copy, for plan_reach)
         parents = self.shape.parents
         ranks = torch.tensor(t.ranks(), dtype=torch.long, device=self.device)
         # per level (nodes lie level by level, in order): each node's parent as an index into
@@ -151,6 +152,7 @@ class TokenRecycling(Drafter):
         self._realized = torch.zeros(n, dtype=torch.float32, device=dev)
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
+        self._reach: dict[int, np.ndarray] = {}  # plan_reach by plan size, at the last choice
         self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
 
     @property
@@ -182,6 +184,7 @@ class TokenRecycling(Drafter):
             order = order_nodes(p, st.parents)
             self._ranked = (p, order)
             self._top = {}  # plans of other sizes come from this ranking now (plan_step)
+            self._reach = {}
             gain = self._blended_gain(p[order], read[2 * n :])
             self._gain = gain
             k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
@@ -242,6 +245,27 @@ class TokenRecycling(Drafter):
         if size is None:
             size = len(self._plan_key or ())
         return 1.0 + float(self._gain[min(int(size), len(self._gain) - 1)])
+
+    def plan_reach(self, size: int) -> np.ndarray:
+        """[D]: the probability that the ``size`` best-ranked nodes of the last choice accept at
+        least d tokens, d = 1..D (the base's depth): the per-node estimates summed by depth (one
+        node at most is accepted per depth), scaled to the plan's expected gain (the realized
+        gain by rank, :meth:`plan_gain`), as the per-node estimates are too high as
+        probabilities. For drafters that add nodes beside this tree (hybrid): a node of theirs
+        at depth d gains only where this tree stops short of d."""
+        D = int(self._node_depth.max(initial=0))
+        r = self._reach.get(size)
+        if r is None:
+            r = np.zeros(D)
+            if size > 0 and self._ranked is not None and self._gain is not None and D > 0:
+                p, order = self._ranked
+                nodes = order[:size]
+                r = np.bincount(self._node_depth[nodes], weights=np.clip(p[nodes], 0.0, 1.0), minlength=D + 1)[1:]
+                total = r.sum()
+                if total > 0:
+                    r = np.clip(r * (self._gain[min(size, len(self._gain) - 1)] / total), 0.0, 1.0)
+            self._reach[size] = r
+        return r
 
     def plan_options(self, ctx: DraftContext, budget: int | None = None) -> list[int]:
         """Plan sizes for a drafter that adds nodes of its own beside this tree and chooses the

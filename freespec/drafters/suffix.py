@@ -339,6 +339,7 @@ class SuffixDrafter(SizedRetrieval, Drafter):
         self.last: Retrieval | None = None  # the last retrieval (for inspection)
 
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        self.sizer.end()  # the last request's trees still waiting for tokens
         self.current.clear()
 
     def end(self, tokens: list[int]) -> None:
