@@ -269,10 +269,12 @@ class HybridDrafter(Drafter):
                 continue
             room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
             # expected extra tokens of the best m retrieval nodes: a node gains where Token
-            # Recycling's plan stops short of its depth (taken as independent of it: replaying
-            # the H100's steps, retrieval trees whose nodes summed to 0.25 / 0.7 / 1.4 tokens
-            # brought 0.05 / 0.14 / 0.66 beyond the plan's path; this estimates 0.08 / 0.28 /
-            # 0.87, the plain sum 0.25 / 0.68 / 1.44)
+            # Recycling's plan stops short of its depth, taken as independent of the plan.
+            # Replaying the H100's recorded steps (docs/results/replay-hybrid-s7), trees whose
+            # calibrated nodes summed to 0.25 / 0.7 / 1.4 / 2.9 tokens brought 0.05 / 0.14 /
+            # 0.66 / 1.3 beyond the plan's path; independence gives 0.08 / 0.28 / 0.87 / 2.2
+            # (the plain sum, as before, counted a retrieval chain repeating the plan's best
+            # branch in full)
             reach = tr.plan_reach(P) if P > 0 else np.zeros(0)
             miss = 1.0 - np.concatenate((reach, [0.0]))[np.minimum(dep_o, len(reach))]
             top = np.cumsum(s_o * miss)
