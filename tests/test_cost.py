@@ -446,6 +446,24 @@ def test_hybrid_chooses_plan_and_attached_tree_together():
     assert h.used["attached"] == 1 and tr.chosen_sizes == {63: 2}
 
 
+def test_hybrid_lays_a_small_tree_into_the_largest_layout_of_the_same_bucket():
+    """A 5-node retrieval chain beside a 63-node plan: 63 + 8 and 63 + 32 both pay for the
+    96-node bucket, so it rides in the 32-slot layout (one captured step per plan and bucket,
+    not one per layout); where the larger layout would pay for a bigger bucket it keeps 8."""
+    chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
+    for levels, want in ((((64, 1.0), (96, 1.06), (128, 1.5), (256, 2.0)), 32),
+                         (((64, 1.0), (72, 1.06), (96, 1.5), (128, 1.5), (256, 2.0)), 8)):
+        h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+        tr = h.tr
+        real = 1.5 * (1.0 - np.exp(-np.arange(tr.shape.size) / 20.0))
+        tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+        tr._realized_n.fill_(1e4)
+        ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=_stepped(levels).curve())
+        assert h.device_step(ctx).shape.size == 1 + 63 + want
+        buf, _ = h._steps[(tr._by_size[64][3].key, want)]
+        assert buf.loaded == 5 and buf.tokens.tolist()[:5] == [10, 11, 12, 13, 14]
+
+
 def test_hybrid_counts_what_an_attached_tree_adds_beyond_the_plan():
     """An attached node gains only where Token Recycling's plan stops short of its depth: a
     5-node chain is attached where the plan rarely reaches depth 1, and left out where the plan

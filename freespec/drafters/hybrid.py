@@ -293,7 +293,13 @@ class HybridDrafter(Drafter):
             tree = r.tree
             if tree.size - 1 > m:
                 tree = _subset(tree, sorted(int(i) + 1 for i in order[:m]))
-            m = next(x for x in ATTACH_SLOTS if x >= tree.size - 1)
+            # the largest layout that costs what the smallest that fits costs (on a bucketed
+            # curve the step is padded to its bucket anyway): fewer layouts per plan, so fewer
+            # CUDA graph captures per KV extent (63 + 8 and 63 + 32 nodes both pay for 96)
+            fit = next(x for x in ATTACH_SLOTS if x >= tree.size - 1)
+            room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
+            cost = cv[min(P + 1 + fit, last)]
+            m = max(x for x in ATTACH_SLOTS if x == fit or (fit < x <= room and cv[min(P + 1 + x, last)] <= cost))
         return self._assemble(base, m, tree)
 
     def _assemble(self, tr: DeviceStep | None, m: int, tree: HostTree | None) -> DeviceStep:
