@@ -482,6 +482,19 @@ def test_hybrid_counts_what_an_attached_tree_adds_beyond_the_plan():
         assert h.used["attached"] == int(attached)
 
 
+def test_hybrid_device_steps_leave_weak_matches_out():
+    """A retrieval tree below min_score (expected accepted length) is not weighed on device
+    steps: not attached, and not learnt from."""
+    curve = flat().curve()
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
+    for scores, attached in (([0.3, 0.3], False), ([0.6, 0.6], True)):
+        h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(HostTree.chain(5, [10, 11], scores)))
+        ds = h.device_step(ctx)
+        assert h.used["attached"] == int(attached)
+        assert (h.sizer._last is not None) is attached
+        ds.done([10, 11, 7])
+
+
 def test_recycling_plan_reach_spreads_the_plan_gain_over_depths():
     tr = TokenRecycling(vocab_size=20, template="auto")
     for t in range(20):

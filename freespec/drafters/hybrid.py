@@ -23,8 +23,9 @@ under the root beside it (``tree.AttachBuffer``: its tokens and structure are co
 buffers that the captured step reads), so the step stays one graph replay and one sync.
 Merging by common prefix would need Token Recycling's tokens on the host (a second sync), so
 here the two trees sit side by side; a retrieval node that repeats a Token Recycling node
-costs one verified token, nothing else. The retrieval tree is cut by the cost model as above
-(or by ``min_match`` / ``min_score`` without a latency curve) and padded to 8 or 32 nodes.
+costs one verified token, nothing else. Weak matches (below ``min_match`` / ``min_score``) are
+left out; a stronger tree is cut by the cost model as above (without a latency curve: kept
+whole) and padded to 8 or 32 nodes, the larger where both pay for the same bucket.
 """
 
 from __future__ import annotations
@@ -253,6 +254,12 @@ class HybridDrafter(Drafter):
         sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])) \
             if tr.template.size > 0 else [0]
         r = self.retriever.retrieve(ctx) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
+        if r is not None and not self.strong(r):
+            # a weak match (below min_match / min_score) is not weighed: replaying the H100's
+            # steps, trees whose calibrated nodes summed to under 1 token brought 0.05-0.14
+            # tokens beyond the plan's path, and weighing and learning from them cost more host
+            # time a step than that (the pair choice ran at every step, not at 40% of them)
+            r = None
         s = None
         if r is not None and r.tree.size > 1:
             s = self.sizer.scores(r.tree)  # calibrated; the sizer learns from this tree at done()
