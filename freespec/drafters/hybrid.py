@@ -260,19 +260,22 @@ class HybridDrafter(Drafter):
             # tokens beyond the plan's path, and weighing and learning from them cost more host
             # time a step than that (the pair choice ran at every step, not at 40% of them)
             r = None
-        s = None
+        s_o = None
         if r is not None and r.tree.size > 1:
-            s = self.sizer.scores(r.tree)  # calibrated; the sizer learns from this tree at done()
-            order = np.argsort(-s, kind="stable")  # parents first (scores never grow along a path)
-            dep_o = np.asarray(r.tree.depth()[1:])[order] - 1  # depth - 1, best first
-            s_o = s[order]
+            # (Python lists: a tree has at most a few dozen nodes, and numpy's per-call cost
+            # on the GPU machine's host exceeded the work)
+            sl = self.sizer.scores(r.tree).tolist()  # calibrated; the sizer learns from this tree at done()
+            order = sorted(range(len(sl)), key=sl.__getitem__, reverse=True)  # stable: parents first
+            dep = r.tree.depth()
+            s_o = [sl[i] for i in order]
+            d_o = [dep[i + 1] - 1 for i in order]  # depth - 1, best first
         best, pick = -1.0, (sizes[0], 0)
         for P in sizes:
             g = tr.plan_gain(P) if P > 0 else 1.0
             rate = g / cv[min(P + 1, last)]
             if rate > best:
                 best, pick = rate, (P, 0)
-            if s is None:
+            if s_o is None:
                 continue
             room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
             # expected extra tokens of the best m retrieval nodes: a node gains where Token
@@ -282,15 +285,19 @@ class HybridDrafter(Drafter):
             # 0.66 / 1.3 beyond the plan's path; independence gives 0.08 / 0.28 / 0.87 / 2.2
             # (the plain sum, as before, counted a retrieval chain repeating the plan's best
             # branch in full)
-            reach = tr.plan_reach(P) if P > 0 else np.zeros(0)
-            miss = 1.0 - np.concatenate((reach, [0.0]))[np.minimum(dep_o, len(reach))]
-            top = np.cumsum(s_o * miss)
-            for m in ATTACH_SLOTS:
-                if m <= room:
-                    a = float(top[min(m, len(top)) - 1])
-                    rate = (g + a) / (cv[min(P + 1 + m, last)] + self._load_cost)
-                    if rate > best:
-                        best, pick = rate, (P, m)
+            miss = tr.plan_miss(P) if P > 0 else []
+            D = len(miss)
+            a, k, n = 0.0, 0, len(s_o)
+            for m in ATTACH_SLOTS:  # (ascending: the sum over the best m grows as m does)
+                if m > room:
+                    break
+                while k < min(m, n):
+                    d = d_o[k]
+                    a += s_o[k] * (miss[d] if d < D else 1.0)
+                    k += 1
+                rate = (g + a) / (cv[min(P + 1 + m, last)] + self._load_cost)
+                if rate > best:
+                    best, pick = rate, (P, m)
         P, m = pick
         base = tr.plan_step(P)
         if base is None and tr.template.size > 0:
@@ -299,7 +306,7 @@ class HybridDrafter(Drafter):
         if m:
             tree = r.tree
             if tree.size - 1 > m:
-                tree = _subset(tree, sorted(int(i) + 1 for i in order[:m]))
+                tree = _subset(tree, sorted(i + 1 for i in order[:m]))
             # the largest layout that costs what the smallest that fits costs (on a bucketed
             # curve the step is padded to its bucket anyway): fewer layouts per plan, so fewer
             # CUDA graph captures per KV extent (63 + 8 and 63 + 32 nodes both pay for 96)

@@ -153,6 +153,7 @@ class TokenRecycling(Drafter):
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
         self._reach: dict[int, np.ndarray] = {}  # plan_reach by plan size, at the last choice
+        self._miss: dict[int, list[float]] = {}  # plan_miss by plan size, at the last choice
         self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
 
     @property
@@ -185,6 +186,7 @@ class TokenRecycling(Drafter):
             self._ranked = (p, order)
             self._top = {}  # plans of other sizes come from this ranking now (plan_step)
             self._reach = {}
+            self._miss = {}
             gain = self._blended_gain(p[order], read[2 * n :])
             self._gain = gain
             k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
@@ -266,6 +268,15 @@ class TokenRecycling(Drafter):
                     r = np.clip(r * (self._gain[min(size, len(self._gain) - 1)] / total), 0.0, 1.0)
             self._reach[size] = r
         return r
+
+    def plan_miss(self, size: int) -> list[float]:
+        """``1 - plan_reach(size)`` as a Python list, for depths 1..D (index d - 1): the
+        probability that the plan stops short of depth d (a per-step loop over a few dozen
+        nodes reads it faster from a list than numpy does from an array)."""
+        got = self._miss.get(size)
+        if got is None:
+            got = self._miss[size] = (1.0 - self.plan_reach(size)).tolist()
+        return got
 
     def plan_options(self, ctx: DraftContext, budget: int | None = None) -> list[int]:
         """Plan sizes for a drafter that adds nodes of its own beside this tree and chooses the
