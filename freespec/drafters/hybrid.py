@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import torch
 
 from ..backends.base import DeviceStep
