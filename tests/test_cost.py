@@ -423,18 +423,24 @@ class _FixedRetrieval:
         pass
 
 
+def _hybrid_with_gain(tree) -> HybridDrafter:
+    """Hybrid (auto) offering ``tree`` every step, its Token Recycling half having learnt a
+    realized gain of 1.5 * (1 - exp(-k / 20)) accepted nodes among the k best-ranked."""
+    h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(tree))
+    real = 1.5 * (1.0 - np.exp(-np.arange(h.tr.shape.size) / 20.0))
+    h.tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+    h.tr._realized_n.fill_(1e4)
+    return h
+
+
 def test_hybrid_chooses_plan_and_attached_tree_together():
     """On a bucketed curve the retrieval tree is attached in the layout that pays: alone, Token
     Recycling takes 63 nodes (the 64-node bucket); a strong 20-node retrieval chain goes beside
     it padded to 32 (the 96-node bucket, all 20 loaded), where 95 + 32 would pay for 128."""
     curve = _stepped(((64, 1.0), (96, 1.06), (128, 1.5), (256, 2.0))).curve()
     chain = HostTree.chain(5, list(range(10, 30)), [0.5] * 20)
-    h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+    h = _hybrid_with_gain(chain)
     tr = h.tr
-    n = tr.shape.size
-    real = 1.5 * (1.0 - np.exp(-np.arange(n) / 20.0))  # expected accepted among the k best-ranked
-    tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
-    tr._realized_n.fill_(1e4)
     ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
     assert tr.plan_options(ctx, 95) == [63, 95]  # its own choice, then the end of the next bucket
     h.retriever.r = None  # no match: the plan alone
@@ -453,11 +459,8 @@ def test_hybrid_lays_a_small_tree_into_the_largest_layout_of_the_same_bucket():
     chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
     for levels, want in ((((64, 1.0), (96, 1.06), (128, 1.5), (256, 2.0)), 32),
                          (((64, 1.0), (72, 1.06), (96, 1.5), (128, 1.5), (256, 2.0)), 8)):
-        h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+        h = _hybrid_with_gain(chain)
         tr = h.tr
-        real = 1.5 * (1.0 - np.exp(-np.arange(tr.shape.size) / 20.0))
-        tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
-        tr._realized_n.fill_(1e4)
         ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=_stepped(levels).curve())
         assert h.device_step(ctx).shape.size == 1 + 63 + want
         buf, _ = h._steps[(tr._by_size[64][3].key, want)]
@@ -472,11 +475,8 @@ def test_hybrid_counts_what_an_attached_tree_adds_beyond_the_plan():
     chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
     ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
     for reach, attached in ((0.0, True), (1.0, False)):
-        h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(chain))
+        h = _hybrid_with_gain(chain)
         tr = h.tr
-        real = 1.5 * (1.0 - np.exp(-np.arange(tr.shape.size) / 20.0))
-        tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
-        tr._realized_n.fill_(1e4)
         tr.plan_reach = lambda size, r=reach: np.full(tr.shape.max_depth, r)
         h.device_step(ctx)
         assert h.used["attached"] == int(attached)
@@ -495,7 +495,9 @@ def test_hybrid_device_steps_leave_weak_matches_out():
         ds.done([10, 11, 7])
 
 
-def test_recycling_plan_reach_spreads_the_plan_gain_over_depths():
+def _recycling_learnt_on_a_cycle() -> TokenRecycling:
+    """Token Recycling (auto) after ~100 steps of text cycling through 20 tokens, which its
+    rank-0 chain predicts: statistics and a choice to read."""
     tr = TokenRecycling(vocab_size=20, template="auto")
     for t in range(20):
         tr.matrix[t, 0] = (t + 1) % 20
@@ -505,6 +507,11 @@ def test_recycling_plan_reach_spreads_the_plan_gain_over_depths():
         logits = torch.zeros(d.size, 20)
         logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0
         tr.observe(d, logits, seq[i : i + 3])
+    return tr
+
+
+def test_recycling_plan_reach_spreads_the_plan_gain_over_depths():
+    tr = _recycling_learnt_on_a_cycle()
     D = tr.shape.max_depth
     assert tr.plan_reach(0).tolist() == [0.0] * D
     for size in (1, 10, 80):
@@ -560,15 +567,7 @@ def test_recycling_reset_drops_a_held_count():
 def test_recycling_candidates_score_by_rank_gain():
     """The nodes handed to a merging drafter carry the expected gain of their rank (what the
     size choice itself rests on), non-increasing down the ranking, parents first."""
-    tr = TokenRecycling(vocab_size=20, template="auto")
-    for t in range(20):
-        tr.matrix[t, 0] = (t + 1) % 20
-    seq = list(range(20)) * 20
-    for i in range(2, 300, 3):
-        d = tr.propose(_ctx(seq[:i], flat().curve()))
-        logits = torch.zeros(d.size, 20)
-        logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0
-        tr.observe(d, logits, seq[i : i + 3])
+    tr = _recycling_learnt_on_a_cycle()
     c = tr.candidates(limit=40)
     p, order = tr._ranked
     assert c is not None and c.size == 41

@@ -152,7 +152,6 @@ class TokenRecycling(Drafter):
         self._realized = torch.zeros(n, dtype=torch.float32, device=dev)
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
-        self._reach: dict[int, np.ndarray] = {}  # plan_reach by plan size, at the last choice
         self._miss: dict[int, list[float]] = {}  # plan_miss by plan size, at the last choice
         self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
 
@@ -185,7 +184,6 @@ class TokenRecycling(Drafter):
             order = order_nodes(p, st.parents)
             self._ranked = (p, order)
             self._top = {}  # plans of other sizes come from this ranking now (plan_step)
-            self._reach = {}
             self._miss = {}
             gain = self._blended_gain(p[order], read[2 * n :])
             self._gain = gain
@@ -256,23 +254,21 @@ class TokenRecycling(Drafter):
         probabilities. For drafters that add nodes beside this tree (hybrid): a node of theirs
         at depth d gains only where this tree stops short of d."""
         D = int(self._node_depth.max(initial=0))
-        r = self._reach.get(size)
-        if r is None:
-            r = np.zeros(D)
-            if size > 0 and self._ranked is not None and self._gain is not None and D > 0:
-                p, order = self._ranked
-                nodes = order[:size]
-                r = np.bincount(self._node_depth[nodes], weights=np.clip(p[nodes], 0.0, 1.0), minlength=D + 1)[1:]
-                total = r.sum()
-                if total > 0:
-                    r = np.clip(r * (self._gain[min(size, len(self._gain) - 1)] / total), 0.0, 1.0)
-            self._reach[size] = r
+        if size <= 0 or self._ranked is None or self._gain is None or D == 0:
+            return np.zeros(D)
+        p, order = self._ranked
+        nodes = order[:size]
+        r = np.bincount(self._node_depth[nodes], weights=np.clip(p[nodes], 0.0, 1.0), minlength=D + 1)[1:]
+        total = r.sum()
+        if total > 0:
+            r = np.clip(r * (self._gain[min(size, len(self._gain) - 1)] / total), 0.0, 1.0)
         return r
 
     def plan_miss(self, size: int) -> list[float]:
         """``1 - plan_reach(size)`` as a Python list, for depths 1..D (index d - 1): the
-        probability that the plan stops short of depth d (a per-step loop over a few dozen
-        nodes reads it faster from a list than numpy does from an array)."""
+        probability that the plan stops short of depth d; kept per plan size until the next
+        choice (a per-step loop over a few dozen nodes reads a list faster than numpy does an
+        array)."""
         got = self._miss.get(size)
         if got is None:
             got = self._miss[size] = (1.0 - self.plan_reach(size)).tolist()
