@@ -277,6 +277,9 @@ class Engine:
                      and hasattr(drafter, "device_step"))
         if on_device:
             be.set_root(root)
+        # host work a device step left for later (``DeviceStep.done``'s return: the drafter's
+        # learning), run while the next step computes on the device rather than between steps
+        later = None
         while finish is None:
             ta = clock()
             budget = be.max_length - be.cache_len - 1
@@ -289,18 +292,25 @@ class Engine:
             if ds is None and root is None:  # a host step after a device step: the root, from the host
                 root = torch.tensor([tokens[-1]], dtype=torch.long, device=dev)
             if ds is None and drafter is not None:
+                if later is not None:
+                    later, run = None, later
+                    run()
                 ctx.root = root
                 draft = drafter.propose(ctx)
             if ds is not None:
                 sync()
                 tb = clock()
-                host = be.step(ds).tolist()  # the one sync
+                res = be.step(ds)  # launched; the device computes while the host goes on
+                if later is not None:
+                    later, run = None, later
+                    run()
+                host = res.tolist()  # the one sync
                 tc = clock()
                 n_acc = host[0]
                 new = host[1 : n_acc + 2]
                 be.advance(n_acc + 1)
                 if ds.done is not None:
-                    ds.done(new)
+                    later = ds.done(new)
                 size = ds.shape.size
                 root = None
             else:
@@ -358,6 +368,8 @@ class Engine:
             if piece:
                 yield piece
 
+        if later is not None:
+            later()
         stats.new_tokens = len(out)
         stats.time_total = clock() - t0
         if drafter is not None:

@@ -18,7 +18,7 @@ from freespec.cost import (
 )
 from freespec.drafters import DraftContext, HybridDrafter, SuffixDrafter, TokenRecycling
 from freespec.drafters.merge import HostTree
-from freespec.drafters.sizing import size_tree
+from freespec.drafters.sizing import TreeSizer, size_tree
 from freespec.engine import Engine
 from freespec.tree import Draft, TreeShape
 
@@ -581,3 +581,55 @@ def test_recycling_candidates_score_by_rank_gain():
     assert all(c.scores[c.parents[j]] >= c.scores[j] for j in range(1, c.size))
     # the chain the text follows is learnt as likely (the realized gain), others as unlikely
     assert got[0] > 0.5 and want[-1] < 0.2
+
+
+def test_deferred_learning_leaves_what_learning_at_once_leaves():
+    """Device steps hand their learning back as deferred work (run while the next step
+    computes, after that step's draft): Token Recycling's counts and the retrieval
+    calibration end where learning at once ends, steps of 1 to 4 tokens, a new request between."""
+    V = 20
+    seq = list(range(V)) * 30
+    runs = []
+    for defer in (False, True):
+        tr = TokenRecycling(vocab_size=V, template="auto")
+        for t in range(V):
+            tr.matrix[t, 0] = (t + 1) % V
+        sz = TreeSizer()
+        later = None
+        i, n = 2, 0
+        while i < 400:
+            if i > 200 and n == 0:  # a new request: what is pending runs first (as the engine does)
+                if later is not None:
+                    later()
+                    later = None
+                sz.end()
+                tr.begin(seq[:i])
+                n = 1
+            tr.propose(_ctx(seq[:i], flat().curve()))
+            sz.scores(HostTree.chain(seq[i - 1], seq[i : i + 4], [(i % 9 + 0.5) / 9, 0.8, 0.7, 0.6]))
+            if later is not None:  # the last step's deferred work, after this step's draft
+                later()
+            step = 1 + (i * 7) % 4
+            got = seq[i : i + step]
+            if defer:
+                a, b = tr.learn(got, defer=True), sz.learn(got, defer=True)
+                later = (lambda a=a, b=b: (a and a(), b and b())) if (a or b) else None
+            else:
+                tr.learn(got)
+                sz.learn(got)
+            i += step
+        if later is not None:
+            later()
+        sz.end()
+        sz.cal.flush()
+        runs.append((tr.stats.tries.clone(), tr.stats.hits.clone(), tr._realized.clone(), float(tr._realized_n),
+                     sz.cal.n.copy(), sz.cal.hits.copy()))
+    now, deferred = runs
+    assert now[3] > 5 and now[4].sum() > 100  # both learnt
+    for a, b in zip(now, deferred):
+        if isinstance(a, float):
+            assert a == b
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert np.array_equal(a, b)

@@ -758,6 +758,59 @@ def test_hybrid_device_steps_identical_to_plain(template, latency):
     assert again.stats.mat > 4.0
 
 
+def test_device_step_learning_runs_while_the_next_step_computes():
+    """What a device step's ``done`` hands back runs after the next step is launched and
+    before its result is read (the device computes meanwhile), once, in order; the last one
+    before the request ends. Output stays identical to plain decoding."""
+    model = make("llama-gqa-tied")
+    prompts = _repetitive(2)
+    ref = [Engine(model, Tok(), drafter=None).generate(p, 40).tokens for p in prompts]
+    be = NativeBackend(model, device_steps=True)
+    eng = Engine(model, Tok(), drafter="hybrid", backend=be, template="auto", latency=_flat_latency())
+    dr = eng.drafter
+    log = []
+    learn, step = dr._learn, be.step
+
+    def spy_learn(emitted):
+        k = sum(1 for e in log if e[0] == "done")
+        log.append(("done", k))
+        got = learn(emitted)
+
+        def later():
+            log.append(("later", k))
+            if got is not None:
+                got()
+
+        return later
+
+    class Result:  # the step's result, logging when the engine reads it
+        def __init__(self, t):
+            self.t = t
+
+        def tolist(self):
+            log.append(("read",))
+            return self.t.tolist()
+
+    def spy_step(ds):
+        log.append(("launch",))
+        return Result(step(ds))
+
+    dr._learn, be.step = spy_learn, spy_step
+    for p, r in zip(prompts, ref):
+        log.clear()
+        assert eng.generate(p, 40).tokens == r
+        kinds = [e[0] for e in log]
+        n = kinds.count("done")
+        assert n > 3 and kinds.count("later") == n and kinds.count("launch") == n
+        assert [e[1] for e in log if e[0] == "later"] == list(range(n))
+        for k in range(n - 1):  # step k's learning: after step k + 1's launch, before its read
+            i = log.index(("later", k))
+            assert kinds[i - 1] == "launch" and kinds[i + 1] == "read"
+            assert log.index(("done", k)) < i
+        assert log[-1] == ("later", n - 1)  # the last step's, once the loop ends
+    assert dr.sizer.cal.n.sum() + len(dr.sizer.cal._pending) > 0  # it learnt
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture of whole steps needs a CUDA device")
 @pytest.mark.parametrize("drafter,template", [("recycling", "tr16"), ("hybrid", "tr16"), ("recycling", "auto"),
                                               ("hybrid", "auto")])

@@ -26,14 +26,17 @@ class DeviceStep:
     and the verifier, in one CUDA graph. ``key`` names the plan: the same key must mean the
     same shape tensors and the same functions, since a captured step is replayed by key (the
     tensors' contents may change between steps: a replay reads them afresh). ``done(emitted)``
-    (optional, host code) runs after the step with the tokens it emitted.
+    (optional, host code) runs after the step with the tokens it emitted; it may return a
+    callable: host work (learning) that the next step's draft does not need, which the engine
+    runs once the next step is launched, while the device computes it (or before anything else
+    reads the drafter: a host step, the request's end).
     """
 
     key: Hashable
     shape: TreeShape
     fill: Callable[[torch.Tensor], torch.Tensor]
     observe: Callable[..., None]
-    done: Callable[[list[int]], None] | None = None
+    done: Callable[[list[int]], Callable[[], None] | None] | None = None
 
 
 class Backend(ABC):

@@ -21,6 +21,7 @@ path matches them. They are saved with the matrix.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -419,9 +420,9 @@ class TokenRecycling(Drafter):
         self.update(draft.tokens, logits)
         self.learn(accepted)
 
-    def learn(self, accepted: list[int]) -> None:
+    def learn(self, accepted: list[int], defer: bool = False):
         """Acceptance statistics of every base node from the tokens this step emitted (host
-        steps: ``observe``; device steps: ``DeviceStep.done``).
+        steps: ``observe``; device steps: ``DeviceStep.done``, with ``defer``).
 
         A counted step's base tree is held and counted once the target's next D tokens (the
         base's depth) are known, from this step's tokens and the next steps' (greedy, and
@@ -429,22 +430,42 @@ class TokenRecycling(Drafter):
         at once, a node below the step's bonus token could never count as accepted: bigger
         plans, whose gain lies there, looked worse than they are (the realized gain by rank
         is the sum over exactly those nodes). A count still short of D tokens at the next counted
-        step or request counts what is known by then."""
-        if self._after is not None:
-            self._after.extend(accepted)
-            if len(self._after) >= len(self._seen_np) - 1:
-                self._count_held()
-        if not self._filled or not self.auto:
-            return
-        self._filled = False
-        if not self._learns():
-            return
+        step or request counts what is known by then.
+
+        ``defer``: return the work that may wait until the next step is running on the device
+        (handing a held count its tokens, and counting it: ~15 kernel launches) as a callable,
+        or None; a counted step's own work (it snapshots the base tree the step filled, before
+        the next step fills it again) is done at once. Called in order, the deferred parts
+        leave the statistics as ``learn`` without ``defer`` does."""
+        counts = False
+        if self._filled and self.auto:
+            self._filled = False
+            counts = self._learns()
+        if not counts:
+            if self._after is None:
+                return None
+            if defer:
+                return functools.partial(self._feed, accepted)
+        self._feed(accepted)
+        if not counts:
+            return None
         if self._after is not None:  # the last count's tokens came slowly: count what is known
             self._count_held()
         self._held.copy_(self._seen)  # (on the device, before the next step fills _seen again)
         self._after = list(accepted)
         if len(self._after) >= len(self._seen_np) - 1:
             self._count_held()
+        return None
+
+    def _feed(self, accepted: list[int]) -> None:
+        """The held count's next tokens; counted once it has the base's depth of them."""
+        if self._after is not None:
+            self._after.extend(accepted)
+            if len(self._after) >= len(self._seen_np) - 1:
+                self._count_held()
+
+    def _done(self, accepted: list[int]):
+        return self.learn(accepted, defer=True)
 
     def _count_held(self) -> None:
         after, self._after = self._after, None
@@ -527,7 +548,7 @@ class TokenRecycling(Drafter):
                 return self.fill(root).index_select(0, bidx)
 
             ds = DeviceStep((self._serial, "auto", n, next(_SERIALS)), buf, fill, self._observe_update,
-                            done=self.learn)
+                            done=self._done)
             got = self._by_size[n] = [buf, bidx, None, ds]
         buf, bidx, current, ds = got
         if current != serial:  # rewrite in place (device-to-device copies, no sync)

@@ -8,6 +8,8 @@ and cuts a tree to the node count that maximises expected tokens per second
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..cost import ScoreCalibrator, choose_size, order_nodes, path_outcome
@@ -66,17 +68,28 @@ class TreeSizer:
             return tree
         return size_tree(self.calibrated(tree), ctx.latency, ctx.budget)
 
-    def learn(self, accepted: list[int]) -> None:
+    def learn(self, accepted: list[int], defer: bool = False):
         """This step's tokens: which nodes the target took (drafted or cut) -> calibration, for
-        the last tree and the earlier ones still waiting for tokens."""
-        t, self._last = self._last, None
+        the last tree and the earlier ones still waiting for tokens. ``defer``: return that
+        work as a callable instead, to run while the next step runs on the device (the next
+        tree's scores then come from a map one step older); deferred calls must keep their
+        order."""
+        t, bins, self._last = self._last, self._bins, None
+        if not self._held and (t is None or t.size <= 1):
+            return None
+        if defer:
+            return functools.partial(self._learn_step, t, bins, accepted)
+        self._learn_step(t, bins, accepted)
+        return None
+
+    def _learn_step(self, t: HostTree | None, bins, accepted: list[int]) -> None:
         if self._held:
             held, self._held = self._held, []
             for h in held:
                 h[2].extend(accepted)
                 self._learn(*h)
         if t is not None and t.size > 1:
-            self._learn(t, self._bins, list(accepted))
+            self._learn(t, bins, list(accepted))
 
     def _learn(self, tree: HostTree, bins: np.ndarray, tokens: list[int], force: bool = False) -> None:
         ok, final = path_outcome(tree.tokens, tree.parents, tokens)
