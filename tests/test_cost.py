@@ -633,3 +633,63 @@ def test_deferred_learning_leaves_what_learning_at_once_leaves():
             assert torch.equal(a, b)
         else:
             assert np.array_equal(a, b)
+
+
+def test_step_times_correct_the_calibrated_buckets():
+    """Measured step times correct the calibrated curve per bucket: the median of the first
+    samples, then a moving average that ignores outliers (a graph capture); a bucket never
+    measured takes the measured ones' mean; the corrected curve never decreases."""
+    from freespec.cost import StepTimes
+
+    lat = LatencyModel([1, 32, 64, 96, 128], [0], [[3.0e-3, 3.0e-3, 3.06e-3, 3.18e-3, 3.25e-3]], bucketed=True)
+    base = lat.curve(0)
+    st = StepTimes(lat)
+    assert np.array_equal(st.apply(base), base)  # nothing measured: the calibration
+    v0 = st.version
+    st.observe(120, 0.5, base[120])  # a graph capture among the first samples: the median ignores it
+    for _ in range(60):
+        st.observe(120, 3.32e-3, base[120])  # the 128 bucket runs dearer than calibrated
+        st.observe(90, 3.09e-3, base[90])  # the 96 bucket cheaper
+    st.observe(120, 0.5, base[120])  # an outlier after warm-up: skipped
+    assert st.version > v0
+    f = st.factors()
+    assert f[4] == pytest.approx(3.32 / 3.25, rel=2e-3) and f[3] == pytest.approx(3.09 / 3.18, rel=2e-3)
+    assert f[0] == f[1] == f[2] == pytest.approx((f[3] + f[4]) / 2)  # unmeasured: the mean
+    c = st.apply(base)
+    assert c[128] == pytest.approx(3.32e-3, rel=2e-3) and c[96] == pytest.approx(3.09e-3, rel=2e-3)
+    assert np.all(np.diff(c[1:]) >= 0)
+    # the choice follows: 95 nodes bring 3 tokens; 32 more bring 0.2, which paid for the 128
+    # bucket as calibrated, not as measured
+    probs = np.r_[np.full(95, 3.0 / 95), np.full(32, 0.2 / 32)]
+    assert choose_size(probs, base) == 127
+    assert choose_size(probs, c) == 95
+
+
+def test_engine_learns_step_times_on_a_bucketed_curve():
+    """The engine times every step against the calibrated curve and hands drafters the
+    corrected one: here the calibration is 100x too slow, and after a request the curve the
+    drafter sees has come down to the measured step times."""
+    from freespec.drafters import TokenRecycling
+
+    seen = []
+
+    class Spy(TokenRecycling):
+        def propose(self, ctx):
+            seen.append(ctx.latency)
+            return super().propose(ctx)
+
+    model = tiny_model("llama")
+    sizes = [1, 8, 16, 32, 64, 128]
+    lat = LatencyModel(sizes, [0], [[0.1 * (1 + n / 256) for n in sizes]], bucketed=True)
+    eng = Engine(model, StubTokenizer(), drafter=Spy(vocab_size=model.config.vocab_size), latency=lat)
+    eng.generate([1, 2, 3, 4, 5], 60)
+    st = eng.step_times
+    assert st is not None and max(st.count) >= st.warm
+    f = st.factors()
+    assert np.all(f < 0.2)  # measured ~ms against 0.1 s
+    assert seen[-1][1] < 0.2 * lat.curve(0)[1]
+    # an unbucketed curve (the CPU's: a value per size) is used as calibrated
+    eng2 = Engine(model, StubTokenizer(), drafter="recycling",
+                  latency=LatencyModel(sizes, [0], [[0.1] * len(sizes)]))
+    eng2.generate([1, 2, 3, 4, 5], 20)
+    assert eng2.step_times is None
