@@ -654,7 +654,7 @@ def test_step_times_correct_the_calibrated_buckets():
     assert st.version > v0
     f = st.factors()
     assert f[4] == pytest.approx(3.32 / 3.25, rel=2e-3) and f[3] == pytest.approx(3.09 / 3.18, rel=2e-3)
-    assert f[0] == f[1] == f[2] == f[3]  # unmeasured: the lowest measured (they get tried)
+    assert f[0] == f[1] == f[2] == pytest.approx((f[3] + f[4]) / 2)  # unmeasured: the mean
     c = st.apply(base)
     assert c[128] == pytest.approx(3.32e-3, rel=2e-3) and c[96] == pytest.approx(3.09e-3, rel=2e-3)
     assert np.all(np.diff(c[1:]) >= 0)
@@ -666,9 +666,9 @@ def test_step_times_correct_the_calibrated_buckets():
 
 
 def test_engine_learns_step_times_on_a_bucketed_curve():
-    """The engine times every step against the calibrated curve (StepTimes.observe: the
-    step's nodes, its time, the calibrated prediction) and hands drafters the corrected curve."""
-    from freespec.cost import StepTimes
+    """The engine times every step against the calibrated curve and hands drafters the
+    corrected one: here the calibration is 100x too slow, and after a request the curve the
+    drafter sees has come down to the measured step times."""
     from freespec.drafters import TokenRecycling
 
     seen = []
@@ -678,31 +678,16 @@ def test_engine_learns_step_times_on_a_bucketed_curve():
             seen.append(ctx.latency)
             return super().propose(ctx)
 
-    class Times(StepTimes):
-        def __init__(self, lat):
-            super().__init__(lat)
-            self.calls = []
-            self.factor[-1], self.count[-1] = 2.0, self.warm  # as if the 128 bucket had run 2x
-
-        def observe(self, size, seconds, predicted):
-            self.calls.append((size, seconds, predicted))
-            super().observe(size, seconds, predicted)
-
     model = tiny_model("llama")
     sizes = [1, 8, 16, 32, 64, 128]
-    # (1 s a step: the tiny model's ~ms steps are out of the plausible band, so the factors
-    # stay as set and the curve handed out can be checked exactly)
-    lat = LatencyModel(sizes, [0], [[1.0 * (1 + n / 256) for n in sizes]], bucketed=True)
+    lat = LatencyModel(sizes, [0], [[0.1 * (1 + n / 256) for n in sizes]], bucketed=True)
     eng = Engine(model, StubTokenizer(), drafter=Spy(vocab_size=model.config.vocab_size), latency=lat)
-    eng.step_times = times = Times(lat)
-    res = eng.generate([1, 2, 3, 4, 5], 40)
-    assert eng.step_times is times and len(times.calls) == res.stats.steps
-    base = lat.curve(0)
-    assert sorted(c[0] - 1 for c in times.calls) == sorted(res.stats.draft_sizes.elements())
-    assert all(c[1] > 0 and c[2] == base[c[0]] for c in times.calls)
-    got = seen[-1] - (seen[-1][1] - base[1] * times.factors()[0])  # the overhead taken off
-    assert np.allclose(got[1:], times.apply(base)[1:])
-    assert got[100] == pytest.approx(2.0 * base[100])  # the 128 bucket's correction is used
+    eng.generate([1, 2, 3, 4, 5], 60)
+    st = eng.step_times
+    assert st is not None and max(st.count) >= st.warm
+    f = st.factors()
+    assert np.all(f < 0.2)  # measured ~ms against 0.1 s
+    assert seen[-1][1] < 0.2 * lat.curve(0)[1]
     # an unbucketed curve (the CPU's: a value per size) is used as calibrated
     eng2 = Engine(model, StubTokenizer(), drafter="recycling",
                   latency=LatencyModel(sizes, [0], [[0.1] * len(sizes)]))
