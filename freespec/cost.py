@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -265,69 +264,6 @@ class NodeStats:
         self.tries.zero_()
         self.hits.zero_()
         self._pending = 0
-
-
-class StepTimes:
-    """Measured step times against a bucketed latency curve: one correction factor per bucket.
-
-    The calibration times steps of random tokens at two cache lengths; real steps (their
-    accepted paths, KV extents, attached trees) cost somewhat differently per bucket. On an H100
-    (Qwen2.5-Coder-1.5B bf16) the 64/96/128-node buckets were calibrated at 3.06/3.18/3.25 ms
-    and ran at 3.02/3.09/3.32: the 128-node bucket looked 2% dearer than the 96-node one and was
-    7% dearer, so the automatic trees took 128 nodes where 96 paid better. Each step's measured
-    time over the curve's prediction updates its bucket's factor: the median of the first
-    ``warm`` samples, then a moving average that skips samples outside [0.8, 1.25] of the
-    factor (graph captures, collections). A bucket not measured yet takes the measured
-    buckets' mean factor. ``apply`` gives the corrected curve, kept non-decreasing.
-    Only for bucketed curves (CUDA graphs): there a few buckets serve every size.
-    """
-
-    def __init__(self, lat: "LatencyModel", rate: float = 0.05, warm: int = 8):
-        self.lat = lat
-        self.sizes = list(lat.sizes)
-        self.rate = float(rate)
-        self.warm = int(warm)
-        self._bucket = np.searchsorted(np.asarray(self.sizes), np.arange(1, self.sizes[-1] + 1), side="left").tolist()
-        k = len(self.sizes)
-        self.factor = [1.0] * k
-        self.count = [0] * k
-        self._first: list[list[float]] = [[] for _ in range(k)]
-        self.version = 0  # bumped when a bucket is first measured and every 32 samples after
-
-    def observe(self, size: int, seconds: float, predicted: float) -> None:
-        """A step of ``size`` nodes (root included) took ``seconds``; the curve said ``predicted``."""
-        if not (1 <= size <= len(self._bucket)) or predicted <= 0 or not math.isfinite(predicted):
-            return
-        j = self._bucket[size - 1]
-        r = seconds / predicted
-        if self.count[j] < self.warm:
-            first = self._first[j]
-            first.append(r)
-            self.count[j] += 1
-            if self.count[j] == self.warm:
-                self.factor[j] = float(np.median(first))
-                self.version += 1
-            return
-        f = self.factor[j]
-        if not 0.8 * f <= r <= 1.25 * f:
-            return
-        self.factor[j] = f + self.rate * (r - f)
-        self.count[j] += 1
-        if self.count[j] % 32 == 0:  # (a new curve: the drafters' caches of the old one are dropped)
-            self.version += 1
-
-    def factors(self) -> np.ndarray:
-        """The factor of every bucket (unmeasured ones: the measured ones' mean, or 1)."""
-        known = [f for f, c in zip(self.factor, self.count) if c >= self.warm]
-        fill = sum(known) / len(known) if known else 1.0
-        return np.array([f if c >= self.warm else fill for f, c in zip(self.factor, self.count)])
-
-    def apply(self, curve: np.ndarray) -> np.ndarray:
-        """``curve`` (``LatencyModel.curve``'s layout) with each size's bucket factor applied."""
-        f = self.factors()
-        out = curve.copy()
-        out[1:] = np.maximum.accumulate(curve[1:] * f[np.asarray(self._bucket[: len(curve) - 1])])
-        return out
 
 
 class ScoreCalibrator:

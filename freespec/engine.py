@@ -117,10 +117,7 @@ class Engine:
         # choice see true step-time ratios (on the GPU machine ~0.35 ms of a ~3 ms step,
         # which favours larger trees).
         self.host_overhead = 0.0
-        # Measured step times against a bucketed curve (CUDA graphs): per-bucket corrections
-        # of the calibration (cost.StepTimes), learnt from every step, kept across requests.
-        self.step_times = None
-        self._curve_for: tuple = (None, -1, 0.0, None)  # (base curve, corrections' version, overhead, curve)
+        self._curve_for: tuple = (None, 0.0, None)  # (base curve, overhead, base + overhead)
 
     def ensure_latency(self, progress=None):
         """The latency curve for this model/device/backend: cached on disk, measured if missing."""
@@ -131,19 +128,15 @@ class Engine:
         return self.latency
 
     def _step_curve(self, lat, cache_len: int):
-        """(the curve drafters size by, the calibrated one) at this cache length: the calibrated
-        curve with the measured per-bucket corrections, plus the host overhead (rebuilt only
-        when the calibrated curve or the corrections change, or the overhead moves by 1% of a
-        plain step)."""
+        """The latency curve at this cache length plus the host overhead (rebuilt only when the
+        base curve changes or the overhead moves by 1% of a plain step)."""
         base = lat.curve(cache_len)
-        st = self.step_times
-        ver = st.version if st is not None else -1
-        b, v, ovh, c = self._curve_for
-        if b is not base or v != ver or abs(ovh - self.host_overhead) > 0.01 * base[1]:
+        b, ovh, c = self._curve_for
+        if b is not base or abs(ovh - self.host_overhead) > 0.01 * base[1]:
             ovh = self.host_overhead
-            c = (base if st is None else st.apply(base)) + ovh
-            self._curve_for = (base, ver, ovh, c)
-        return c, base
+            c = base + ovh
+            self._curve_for = (base, ovh, c)
+        return c
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -233,11 +226,6 @@ class Engine:
         be, drafter, dev = self.backend, self.drafter, self.backend.device
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         lat = self.ensure_latency() if drafter is not None and drafter.wants_latency else None
-        if lat is not None and lat.bucketed and (self.step_times is None or self.step_times.lat is not lat):
-            from .cost import StepTimes
-
-            self.step_times = StepTimes(lat)
-        times = self.step_times if lat is not None and lat.bucketed else None
         noise = None
         if not sampling.greedy:
             gen = torch.Generator(device=dev)
@@ -295,10 +283,9 @@ class Engine:
         while finish is None:
             ta = clock()
             budget = be.max_length - be.cache_len - 1
-            draft = ds = curve = base = None
+            draft = ds = curve = None
             if drafter is not None:
-                if lat is not None:
-                    curve, base = self._step_curve(lat, be.cache_len)
+                curve = None if lat is None else self._step_curve(lat, be.cache_len)
                 ctx = DraftContext(tokens=tokens, root=root, prompt_len=len(prompt_ids), budget=budget, latency=curve)
                 if on_device:
                     ds = drafter.device_step(ctx)  # ctx.root may be None: the backend holds it
@@ -378,8 +365,6 @@ class Engine:
             if curve is not None:  # (a step with a long pause, e.g. a garbage collection, is capped)
                 spent = min((tb - ta) + (td - tc), curve[1])
                 self.host_overhead += 0.05 * (spent - self.host_overhead)
-                if times is not None and size < len(base):
-                    times.observe(size, tc - tb, base[size])
             if piece:
                 yield piece
 
