@@ -126,9 +126,11 @@ class AttachBuffer:
     structure from the tensors); ``tokens``: the extra nodes' tokens [slots]. A tree with
     fewer than ``slots`` nodes is padded by repeating its last node (same parent, same token:
     the target computes the same thing there, so nothing downstream can tell the copies apart).
-    Loading is two host->device copies, asynchronous from pinned memory on CUDA, then the
-    base's rows copied from ``base`` on the device: ``base`` may itself be rewritten in place
-    between loads (a plan buffer), and each load takes its current structure.
+    Loading is two host->device copies (asynchronous from pinned memory on CUDA) of blocks that
+    hold the base's rows too: ``base`` may itself be rewritten in place between loads (a plan
+    buffer), so a load either names the base's current structure (``base_parents``, with a
+    ``base_version`` that changes with it: the host rows are rebuilt when it moves) or copies
+    the base's rows from ``base`` on the device after the blocks (four more copies).
     """
 
     def __init__(self, base: TreeShape, slots: int, device: torch.device | str):
@@ -152,25 +154,29 @@ class AttachBuffer:
         self._host_anc.copy_(placeholder.ancestors)
         self._h = tuple(t.numpy() for t in h)
         self._anc_np = self._host_anc.numpy()
-        self._dev = self._host.to(device)
-        self._dev_anc = self._host_anc.to(device)
+        # (copies on the CPU too: the device buffers are never the host's, as on a GPU)
+        self._dev = self._host.to(device, copy=True)
+        self._dev_anc = self._host_anc.to(device, copy=True)
         parents, depth, paths, self.tokens = self._views(self._dev, n, D, m)
         self.shape = TreeShape(parents=parents, depth=depth, ancestors=self._dev_anc, paths=paths,
                                max_depth=D, parents_list=placeholder.parents_list)
         self.base = base
         self.loaded = 0  # real nodes in the last load (the rest are copies)
-        self._base_version = None  # the base_version its rows were last copied at
+        self._base_version = None  # the base_version the host blocks' base rows were built for
 
     @staticmethod
     def _views(block: torch.Tensor, n: int, D: int, m: int):
         a, b, c = n, 2 * n, 2 * n + n * (D + 1)
         return block[:a], block[a:b], block[b:c].view(n, D + 1), block[c : c + m]
 
-    def load(self, tokens: Sequence[int], parents: Sequence[int], base_version=None) -> None:
+    def load(self, tokens: Sequence[int], parents: Sequence[int], base_version=None,
+             base_parents: Sequence[int] | None = None) -> None:
         """The extra tree: ``tokens[j]``'s parent is ``parents[j]``, an index into ``tokens``
-        (earlier) or -1 for the base's root. 1 to ``slots`` nodes. ``base_version``: a value
-        that changes whenever the base is rewritten in place; when it equals the last load's,
-        the base's rows are not copied again (four device copies saved); None: always copied."""
+        (earlier) or -1 for the base's root. 1 to ``slots`` nodes. ``base_parents``: the base's
+        current structure (its parents list), with ``base_version``, a value that changes
+        whenever the base is rewritten: the host blocks' base rows are rebuilt from it when the
+        version moves, and the load is the two block copies. Without ``base_parents`` the
+        base's rows are copied from ``base`` on the device at every load."""
         k = len(tokens)
         if not 1 <= k <= self.slots or len(parents) != k:
             raise TreeError(f"an attached tree needs 1 to {self.slots} nodes with one parent each, got {k}")
@@ -201,11 +207,13 @@ class AttachBuffer:
         tok_np[:k] = tokens
         tok_np[k:] = tokens[k - 1]
         self.loaded = k
+        if base_parents is not None and (base_version is None or base_version != self._base_version):
+            self._set_base_rows(base_parents)
+            self._base_version = base_version
         self._dev.copy_(self._host, non_blocking=True)
         self._dev_anc.copy_(self._host_anc, non_blocking=True)
-        if base_version is not None and base_version == self._base_version:
+        if base_parents is not None:
             return
-        self._base_version = base_version
         # the base's rows from the base itself (the attached rows only ever refer to its root,
         # whose row is the same in every tree)
         b, s = self.base, self.shape
@@ -213,6 +221,23 @@ class AttachBuffer:
         s.depth[:P].copy_(b.depth)
         s.paths[:P, : b.paths.shape[1]].copy_(b.paths)
         s.ancestors[:P, :P].copy_(b.ancestors)
+
+    def _set_base_rows(self, parents: Sequence[int]) -> None:
+        """The host blocks' base rows from the base's structure ``parents``."""
+        P = self.base_size
+        if len(parents) != P:
+            raise TreeError(f"the base has {P} nodes, got a structure of {len(parents)}")
+        b = TreeShape.from_parents(parents)
+        if b.max_depth > self.max_depth:
+            raise TreeError(f"a base {b.max_depth} deep does not fit a buffer laid out for depth {self.max_depth}")
+        par_np, dep_np, paths_np, _ = self._h
+        par_np[:P] = b.parents.numpy()
+        dep_np[:P] = b.depth.numpy()
+        paths_np[:P] = 0
+        paths_np[:P, : b.max_depth + 1] = b.paths.numpy()
+        anc = self._anc_np
+        anc[:P] = False
+        anc[:P, :P] = b.ancestors.numpy()
 
 
 # --------------------------------------------------------------------------- templates

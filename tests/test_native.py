@@ -758,6 +758,34 @@ def test_hybrid_device_steps_identical_to_plain(template, latency):
     assert again.stats.mat > 4.0
 
 
+def test_hybrid_attached_steps_carry_the_current_plan():
+    """Token Recycling's plans are laid into one buffer per size and rewritten in place as the
+    choice moves; a step with an attached tree must carry the plan the buffer holds now (its
+    structure), not the one its attach buffer was built with: plans A, B, A of one size, two
+    loads each."""
+    from freespec.drafters import HybridDrafter
+    from freespec.drafters.merge import HostTree
+
+    hy = HybridDrafter(vocab_size=64, template="auto")
+    tr = hy.tr
+    n_base = tr.template.size
+    parents = [int(p) for p in tr.stats.parents]
+    a = tuple(range(1, 31))  # two plans of one size (parents first), other shapes
+    j = next(j for j in range(31, n_base) if parents[j] < 30 and parents[j] != parents[30])
+    b = tuple(range(1, 30)) + (j,)
+    plans = [tr._plan_for(k) for k in (a, b, a)]
+    tree = HostTree.chain(5, [7, 8, 9], [0.9, 0.8, 0.7])
+    for plan in plans:
+        for _ in range(2):
+            ds = hy._assemble(tr._plan_step(plan), 8, tree)
+            P = plan[0].size
+            got, want = ds.shape, plan[0]  # want: the plan's own shape
+            assert torch.equal(got.parents[:P], want.parents) and torch.equal(got.depth[:P], want.depth)
+            assert torch.equal(got.ancestors[:P, :P], want.ancestors) and not got.ancestors[:P, P:].any()
+            assert torch.equal(got.paths[:P, : want.max_depth + 1], want.paths)
+            assert got.parents[P:].tolist() == [0, P, P + 1] + [P + 1] * 5
+
+
 def test_device_step_learning_runs_while_the_next_step_computes():
     """What a device step's ``done`` hands back runs after the next step is launched and
     before its result is read (the device computes meanwhile), once, in order; the last one

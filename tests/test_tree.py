@@ -132,23 +132,53 @@ def test_attach_buffer_follows_a_base_rewritten_in_place():
     assert not torch.equal(buf.shape.parents[:4], first.parents)
 
 
-def test_attach_buffer_skips_base_rows_of_an_unchanged_base_version():
-    """With ``base_version``, the base's rows are copied only when the version moves (a plan
-    buffer rewritten in place gets a new version); the attached rows are rewritten every load."""
+def test_attach_buffer_builds_base_rows_when_the_base_version_moves():
+    """With ``base_parents`` the base's rows come from the host blocks, rebuilt when
+    ``base_version`` moves (a plan buffer rewritten in place gets a new version); without
+    it, from the base on the device at every load."""
     from freespec.tree import AttachBuffer
 
     base = TreeShape.from_parents([-1, 0, 1, 1])
     buf = AttachBuffer(base, 4, "cpu")
-    buf.load([7, 8], [-1, 0], base_version=1)
+    buf.load([7, 8], [-1, 0], base_version=1, base_parents=base.parents_list)
     want = _combined(base.parents_list, [-1, 0], 4)
     assert torch.equal(buf.shape.parents, want.parents)
     other = TreeShape.from_parents([-1, 0, 0, 2])
     for t in ("parents", "depth", "ancestors", "paths"):
         getattr(base, t).copy_(getattr(other, t))
-    buf.load([9], [-1], base_version=1)  # same version: the old base rows stay
+    buf.load([9], [-1], base_version=1, base_parents=(-1, 0, 1, 1))  # same version: host rows as built
     assert buf.shape.parents[:4].tolist() == [-1, 0, 1, 1]
     assert buf.shape.parents[4:].tolist() == [0, 0, 0, 0] and buf.tokens.tolist() == [9, 9, 9, 9]
-    buf.load([9], [-1], base_version=2)  # a new version: the rewritten base is taken
+    buf.load([9], [-1], base_version=2, base_parents=other.parents_list)  # a new version: rebuilt
     want = _combined(other.parents_list, [-1], 4)
     assert torch.equal(buf.shape.parents, want.parents) and torch.equal(buf.shape.ancestors, want.ancestors)
     assert torch.equal(buf.shape.paths[:, : want.max_depth + 1], want.paths)
+    buf2 = AttachBuffer(TreeShape.from_parents([-1, 0, 1, 1]), 4, "cpu")
+    for _ in range(2):  # without base_parents: the device base, every load
+        buf2.base.parents.copy_(other.parents)
+        buf2.base.depth.copy_(other.depth)
+        buf2.base.ancestors.copy_(other.ancestors)
+        buf2.base.paths.copy_(other.paths)
+        buf2.load([9], [-1])
+        assert torch.equal(buf2.shape.parents, want.parents) and torch.equal(buf2.shape.ancestors, want.ancestors)
+
+
+def test_attach_buffer_keeps_a_rewritten_base_across_loads_of_one_version():
+    """After the base is rewritten in place (a new plan of the same size: a new version), every
+    later load of that version keeps the new base rows: the attached rows' host->device copy
+    must not bring back the structure the buffer was built with."""
+    from freespec.tree import AttachBuffer
+
+    base = TreeShape.from_parents([-1, 0, 1, 1])
+    buf = AttachBuffer(base, 4, "cpu")
+    buf.load([7, 8], [-1, 0], base_version=1)
+    other = TreeShape.from_parents([-1, 0, 0, 2])
+    for t in ("parents", "depth", "ancestors", "paths"):
+        getattr(base, t).copy_(getattr(other, t))
+    for toks, tree in (([9], [-1]), ([5, 6, 7], [-1, 0, 0]), ([4], [-1])):  # loads of version 2
+        buf.load(toks, tree, base_version=2, base_parents=other.parents_list)
+        want = _combined(other.parents_list, tree, 4)
+        s = buf.shape
+        assert torch.equal(s.parents, want.parents) and torch.equal(s.depth, want.depth)
+        assert torch.equal(s.ancestors, want.ancestors)
+        assert torch.equal(s.paths[:, : want.max_depth + 1], want.paths)

@@ -345,8 +345,11 @@ class HybridDrafter(Drafter):
             got = self._keep(key, (buf, ds))
         buf, ds = got
         t = time.perf_counter()
-        buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]],
-                 base_version=self.tr.shape_version(base) if tr is not None else 0)
+        if tr is not None:
+            version, parents = self.tr.shape_version(base), self.tr.shape_parents(base)
+        else:
+            version, parents = 0, base.parents_list
+        buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]], base_version=version, base_parents=parents)
         self._load_cost += 0.1 * (time.perf_counter() - t - self._load_cost)
         self.used["attached" if tr is not None else "retrieval"] += 1
         return ds

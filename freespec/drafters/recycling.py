@@ -325,6 +325,12 @@ class TokenRecycling(Drafter):
         got = self._by_size.get(shape.size)
         return got[2] if got is not None and got[0] is shape else 0
 
+    def shape_parents(self, shape: TreeShape) -> tuple[int, ...]:
+        """The structure ``shape`` holds now (a plan buffer: the plan laid in it last; its
+        ``parents_list`` is the first plan's)."""
+        got = self._by_size.get(shape.size)
+        return got[4] if got is not None and got[0] is shape else shape.parents_list
+
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
         return self.seed_from_prompt
@@ -549,8 +555,8 @@ class TokenRecycling(Drafter):
 
             ds = DeviceStep((self._serial, "auto", n, next(_SERIALS)), buf, fill, self._observe_update,
                             done=self._done)
-            got = self._by_size[n] = [buf, bidx, None, ds]
-        buf, bidx, current, ds = got
+            got = self._by_size[n] = [buf, bidx, None, ds, None]
+        buf, bidx, current, ds, _ = got
         if current != serial:  # rewrite in place (device-to-device copies, no sync)
             buf.parents.copy_(shape.parents)
             buf.depth.copy_(shape.depth)
@@ -559,6 +565,7 @@ class TokenRecycling(Drafter):
             buf.paths[:, : shape.max_depth + 1].copy_(shape.paths)
             bidx.copy_(idx)
             got[2] = serial
+            got[4] = shape.parents_list
         return ds
 
     def _observe_update(self, tokens, logits, verdict) -> None:
