@@ -345,10 +345,7 @@ class HybridDrafter(Drafter):
             got = self._keep(key, (buf, ds))
         buf, ds = got
         t = time.perf_counter()
-        if tr is not None:
-            version, parents = self.tr.shape_version(base), self.tr.shape_parents(base)
-        else:
-            version, parents = 0, base.parents_list
+        version, parents = self.tr.laid_plan(base) if tr is not None else (0, base.parents_list)
         buf.load(tree.tokens[1:], [p - 1 for p in tree.parents[1:]], base_version=version, base_parents=parents)
         self._load_cost += 0.1 * (time.perf_counter() - t - self._load_cost)
         self.used["attached" if tr is not None else "retrieval"] += 1
@@ -376,7 +373,7 @@ class HybridDrafter(Drafter):
         b = self.sizer.learn(emitted, defer=True)
         if a is None or b is None:
             return a or b
-        return _Both(a, b)
+        return lambda: (a(), b())
 
     def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
         # every verified node's logits refresh its token's row, whoever drafted it
@@ -387,19 +384,6 @@ class HybridDrafter(Drafter):
 
     def end(self, tokens: list[int]) -> None:
         self.retriever.end(tokens)
-
-
-class _Both:
-    """Two deferred pieces of host work, run in order."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a, b):
-        self.a, self.b = a, b
-
-    def __call__(self) -> None:
-        self.a()
-        self.b()
 
 
 def _root_only(root: torch.Tensor) -> torch.Tensor:

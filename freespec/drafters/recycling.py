@@ -319,17 +319,15 @@ class TokenRecycling(Drafter):
             plan = self._top[size] = self._plan_for(tuple(sorted(int(i) for i in self._ranked[1][:size])))
         return self._plan_step(plan)
 
-    def shape_version(self, shape: TreeShape) -> int:
-        """Changes whenever ``shape`` (a step's tree) is rewritten in place (a plan buffer
-        taking another plan): for buffers laid out after it (``tree.AttachBuffer``)."""
+    def laid_plan(self, shape: TreeShape) -> tuple[int, tuple[int, ...]]:
+        """(version, structure) of what ``shape`` (a step's tree) holds now: a plan buffer
+        rewritten in place with another plan gets a new version, and its ``parents_list`` stays
+        the first plan's, so the structure is the plan laid last. For buffers laid out after it
+        (``tree.AttachBuffer``)."""
         got = self._by_size.get(shape.size)
-        return got[2] if got is not None and got[0] is shape else 0
-
-    def shape_parents(self, shape: TreeShape) -> tuple[int, ...]:
-        """The structure ``shape`` holds now (a plan buffer: the plan laid in it last; its
-        ``parents_list`` is the first plan's)."""
-        got = self._by_size.get(shape.size)
-        return got[4] if got is not None and got[0] is shape else shape.parents_list
+        if got is not None and got[0] is shape:
+            return got[2], got[4]
+        return 0, shape.parents_list
 
     @property
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
