@@ -410,7 +410,9 @@ class _FixedRetrieval:
 
         self.r = Retrieval(tree, score=float(sum(tree.scores[1:])), match_len=8)
 
-    def retrieve(self, ctx, max_nodes=None):
+    def retrieve(self, ctx, max_nodes=None, min_match=None):
+        if self.r is None or self.r.match_len < (min_match or 0):
+            return None
         return self.r
 
     def begin(self, prompt):
@@ -493,6 +495,32 @@ def test_hybrid_device_steps_leave_weak_matches_out():
         assert h.used["attached"] == int(attached)
         assert (h.sizer._last is not None) is attached
         ds.done([10, 11, 7])
+
+
+def test_hybrid_host_steps_score_recycling_apart_where_retrieval_finds_nothing():
+    """Host steps (the CPU): where retrieval offers nothing, Token Recycling's nodes are scored
+    by what they took on such steps. Its estimates, learnt over all steps, promise that a few
+    nodes pay; after steps where retrieval found nothing and none of its nodes was accepted,
+    such a step drafts nothing. With a retrieval tree, its nodes still ride along."""
+    curve = steep(ms=10.0, per_node=0.02).curve()  # each node costs 2% of a plain step
+    h = _hybrid_with_gain(HostTree.chain(5, [10, 11], [0.9, 0.9]))
+    root = torch.tensor([5])
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=root, prompt_len=3, budget=200, latency=curve)
+    h.retriever.r = None
+    first = h.propose(ctx)
+    assert first is not None and first.size > 1  # Token Recycling's estimates pay for nodes
+    assert h.tr.plan_gain() > 1.05
+    for _ in range(200):  # its nodes are all token 0 (an empty matrix); the target says 7
+        d = h.propose(ctx)
+        logits = torch.zeros(d.size if d is not None else 1, 50)
+        logits[:, 0] = 1.0  # (keeps the matrix pointing at 0)
+        h.observe(d if d is not None else Draft(root, TreeShape.from_parents([-1])), logits, [7])
+    assert h.propose(ctx) is None
+    assert h.used["none"] > 150
+    assert h.tr.plan_gain() > 1.05  # its own estimates were not what decided
+    h.retriever = _FixedRetrieval(HostTree.chain(5, [10, 11], [0.9, 0.9]))
+    d = h.propose(ctx)
+    assert d is not None and 0 in d.tokens[1:].tolist()  # beside retrieval, scored apart
 
 
 def _recycling_learnt_on_a_cycle() -> TokenRecycling:

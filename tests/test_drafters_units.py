@@ -147,6 +147,53 @@ def test_suffix_index_eviction_and_memory_bound():
     assert st.n_tokens == 100 and st.n_sequences == 1 and st.buf[0] == 650
 
 
+def test_suffix_matches_shorter_than_asked_are_not_searched():
+    """``min_len`` / ``min_match``: key lengths below the longest one within it are skipped, and
+    what is found is what the full search finds at that length or more."""
+    st = SuffixIndex(key_lengths=(1, 2, 4))
+    st.add([1, 2, 3, 4, 5])
+    st.add([8, 3, 6])
+    ctx = [0, 2, 3]
+    both = sorted((m, st.buf[i]) for m, i in st.occurrences(ctx, 8, 10, levels=3))
+    assert both == [(1, 6), (2, 4)]
+    assert sorted((m, st.buf[i]) for m, i in st.occurrences(ctx, 8, 10, levels=3, min_len=2)) == [(2, 4)]
+    calls = []
+    hits = st.hits
+    st.hits = lambda c, n, limit: calls.append(n) or hits(c, n, limit)
+    st.occurrences([0, 9, 3], 8, 10, levels=3, min_len=2)  # only a 1-token match exists
+    assert calls == [2]  # (4-grams: longer than the context) the 1-gram index was not read
+    sd = SuffixDrafter(store_tokens=1000)
+    sd.end([1, 2, 3, 4, 5, 8, 3, 6])
+    sd.begin([0])
+    assert sd.retrieve(_ctx([0, 9, 3])).match_len == 1
+    assert sd.retrieve(_ctx([0, 9, 3]), min_match=2) is None
+    r, r2 = sd.retrieve(_ctx([0, 2, 3])), sd.retrieve(_ctx([0, 2, 3]), min_match=2)
+    assert r2.match_len == 2 and r2.tree.paths() == r.tree.paths()
+    assert PromptLookup().retrieve(_ctx([1, 2, 3, 1, 2, 3]), min_match=4) is None
+    assert PromptLookup().retrieve(_ctx([1, 2, 3, 1, 2, 3]), min_match=3) is not None
+
+
+def test_suffix_files_a_request_and_indexes_the_prompt_at_begin():
+    """``end`` only holds the finished request; ``begin`` (which the engine calls with the
+    prefill launched) files it into the store and indexes the prompt; ``store`` files what is
+    held before it is read."""
+    sd = SuffixDrafter(store_tokens=1000)
+    past = list(range(100, 140))
+    sd.end(past)
+    assert sd._store.n_sequences == 0 and sd._finished == [past]
+    prompt = [1, 2] + past[:5]
+    sd.begin(prompt)
+    assert sd._store.n_sequences == 1 and not sd._finished
+    assert sd.current.buf == prompt and sd.current.entries > 0
+    r = sd.retrieve(_ctx(prompt))
+    assert r.match_len == 5 and r.tree.paths()[1] == (105,)
+    sd.end(prompt + [105])
+    assert sd.store.n_sequences == 2  # (filed on reading)
+    sd.end([7, 8, 9])
+    sd.reset()
+    assert sd.store.n_sequences == 0 and not sd._finished
+
+
 def test_suffix_open_sequence_sync_is_incremental():
     st = SuffixIndex(key_lengths=(1, 2))
     toks = [4, 5, 6]

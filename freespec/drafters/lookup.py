@@ -133,12 +133,13 @@ class PromptLookup(SizedRetrieval, Drafter):
         return found, first_n
 
     # ------------------------------------------------------------------ drafting
-    def retrieve(self, ctx: DraftContext, max_nodes: int | None = None) -> Retrieval | None:
+    def retrieve(self, ctx: DraftContext, max_nodes: int | None = None, min_match: int | None = None) -> Retrieval | None:
+        """Prompt-lookup chains as a tree (None: no match, or one shorter than ``min_match``)."""
         limit = min(self.max_nodes if max_nodes is None else max_nodes, ctx.budget)
         if limit < 1:
             return None
         conts, n = self.continuations(ctx.tokens)
-        if not conts:
+        if not conts or n < int(min_match or 0):
             return None
         root = ctx.tokens[-1]
         # a score per node that falls with depth, faster after a short match: an ordering

@@ -188,14 +188,17 @@ class SuffixIndex:
             m += 1
         return m
 
-    def occurrences(self, context: Sequence[int], max_match: int, limit: int, levels: int = 2):
+    def occurrences(self, context: Sequence[int], max_match: int, limit: int, levels: int = 2, min_len: int = 1):
         """``[(match_len, next_index)]`` for the longest indexed n-grams of the context that
         occur: hits from the longest such key length and the next ``levels - 1`` shorter ones,
-        each extended to its exact match length. ``next_index`` indexes ``buf``."""
+        each extended to its exact match length. ``next_index`` indexes ``buf``. ``min_len``:
+        only matches this long are wanted, so key lengths below the longest one within it are
+        not searched (a match of ``min_len`` is a hit of that one)."""
         found: dict[int, int] = {}
         got = 0
+        floor = max((n for n in self.key_lengths if n <= min_len), default=1)
         for n in reversed(self.key_lengths):
-            if n > len(context):
+            if n > len(context) or n < floor:
                 continue
             hs = self.hits(context, n, limit)
             if not hs:
@@ -330,49 +333,74 @@ class SuffixDrafter(SizedRetrieval, Drafter):
         self.levels = max(1, int(levels))
         self.key_lengths = tuple(key_lengths)
         if store is not None:
-            self.store: SuffixIndex | None = store
+            self._store: SuffixIndex | None = store
         elif store_tokens and int(store_tokens) > 0:
-            self.store = SuffixIndex(int(store_tokens), self.key_lengths)
+            self._store = SuffixIndex(int(store_tokens), self.key_lengths)
         else:
-            self.store = None
+            self._store = None
+        self._finished: list[list[int]] = []  # requests ended, not yet in the store
         self.current = SuffixIndex(None, self.key_lengths)
         self.last: Retrieval | None = None  # the last retrieval (for inspection)
 
+    @property
+    def store(self) -> SuffixIndex | None:
+        """The store of earlier requests (every ended request in it)."""
+        self._file_finished()
+        return self._store
+
+    def _file_finished(self) -> None:
+        done, self._finished = self._finished, []
+        if self._store is not None:
+            for t in done:
+                self._store.add(t)
+
     def begin(self, prompt: list[int], prompt_logits: torch.Tensor | None = None) -> None:
+        """Index the last request's tokens into the store and this prompt into the current
+        request's index. The engine calls this with the prefill launched: on a GPU the indexing
+        (~1 us a token and key length on the host) runs while the device computes, not in the
+        first step or at the last request's end."""
         self.sizer.end()  # the last request's trees still waiting for tokens
+        self._file_finished()
         self.current.clear()
+        self.current.sync(list(prompt))
 
     def end(self, tokens: list[int]) -> None:
-        if self.store is not None:
-            self.store.add(tokens)
+        self._finished.append(list(tokens))  # into the store at the next request's begin
         self.current.clear()
 
     def reset(self) -> None:
         """Forget the earlier requests too."""
         self.current.clear()
-        if self.store is not None:
-            self.store.clear()
+        self._finished = []
+        if self._store is not None:
+            self._store.clear()
 
     # ------------------------------------------------------------------ drafting
-    def retrieve(self, ctx: DraftContext, max_nodes: int | None = None) -> Retrieval | None:
+    def retrieve(self, ctx: DraftContext, max_nodes: int | None = None, min_match: int | None = None) -> Retrieval | None:
+        """The best tree from the suffix matches of ``ctx.tokens`` (None: no match);
+        ``min_match``: shortest match to draft from, if longer than the drafter's own (a caller
+        that discards shorter matches saves their search and trees)."""
         limit = min(self.max_nodes if max_nodes is None else max_nodes, ctx.budget)
         if limit < 1:
             return None
+        least = max(self.min_match, int(min_match or 0))
         tokens = ctx.tokens
         self.current.sync(tokens)
         context = tokens[-self.max_match :]
         occ: list[tuple[int, list[int], int, int]] = []
         L = len(tokens)
-        for st in (self.current, self.store):
+        if self._finished:  # (a caller that did not begin a request)
+            self._file_finished()
+        for st in (self.current, self._store):
             if st is None or not st.buf:
                 continue
             buf, cur = st.buf, st is self.current
-            for m, i in st.occurrences(context, self.max_match, self.max_candidates, levels=2):
+            for m, i in st.occurrences(context, self.max_match, self.max_candidates, levels=2, min_len=least):
                 occ.append((m, buf, i, L - i if cur else 0))  # period: L - 1 - (end position)
         if not occ:
             self.last = None
             return None
-        lengths = sorted({o[0] for o in occ if o[0] >= self.min_match}, reverse=True)[: self.levels]
+        lengths = sorted({o[0] for o in occ if o[0] >= least}, reverse=True)[: self.levels]
         best: Retrieval | None = None
         root = tokens[-1]
         for m in lengths:
