@@ -128,6 +128,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def cmd_calibrate(args) -> int:
     """Measure (or show the cached) verify-latency curve that sizes draft trees."""
     from .backends import make_backend
@@ -141,8 +151,9 @@ def cmd_calibrate(args) -> int:
     model, _ = load(args.model, dtype=dtype, device=device)
     backend = make_backend(model, prefer=args.backend)
     path = calibration_path(calibration_key(model, backend))
-    cached = path.exists() and not args.force
-    lm = load_or_calibrate(model, backend, force=args.force, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    cached = path.exists() and not args.force and args.rounds is None
+    lm = load_or_calibrate(model, backend, force=args.force or args.rounds is not None, repeats=args.rounds,
+                           progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"verify step latency (ms) by draft nodes + root and cache length ({'cached' if cached else 'measured'}):")
     print(lm.table())
     print()
@@ -233,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "model, device, dtype and backend)")
     _add_model_args(c)
     c.add_argument("--force", action="store_true", help="measure again even if a cached curve exists")
+    c.add_argument("--rounds", type=_positive_int, default=None,
+                   help="timed rounds per tree size (default: 40 on CUDA, 5 on a CPU; more: a steadier curve); "
+                        "measures again")
     c.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench", help="benchmark methods side by side: speedup, MAT, output identity")

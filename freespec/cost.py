@@ -381,7 +381,13 @@ def path_outcome(tokens: Sequence[int], parents: Sequence[int], emitted: Sequenc
 # What a calibration times (part of the cache key: a curve measured another way is stale).
 # 2: trees shaped like real ones; whole device steps where the backend runs them.
 # 3: sizes interleaved (one step of each per round), 15 rounds on CUDA.
-CALIBRATION_METHOD = 3
+# 4: 40 rounds on CUDA (CUDA_ROUNDS).
+CALIBRATION_METHOD = 4
+# Timed rounds per size on CUDA. The choice between the 64-, 96- and 128-node steps of an H100
+# rests on 3-4% differences; 15 rounds put them 1-1.5% off now and then (a 96/64 ratio of 1.045
+# in one run where steps measured 1.03-1.036, and 1.029-1.030 in two others), enough to move
+# the choice (docs/benchmarks.md, ninth session).
+CUDA_ROUNDS = 40
 DEFAULT_SIZES_CPU = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
@@ -460,7 +466,8 @@ def calibration_template(n: int):
 def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[int] | None = None,
               repeats: int | None = None, stop_ratio: float = 6.0,
               progress: Callable[[str], None] | None = None) -> LatencyModel:
-    """Time a speculative step for each tree size at a few cache lengths (median of ``repeats``).
+    """Time a speculative step for each tree size at a few cache lengths (median of ``repeats``
+    rounds: ``CUDA_ROUNDS`` on CUDA, 5 elsewhere).
 
     A step here is what every speculative step pays whatever the drafter: the forward over
     the tree, the greedy walk, keeping the accepted path's KV, and the top-k of all logits that
@@ -487,7 +494,7 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     sizes = [s for s in sizes if s <= max(1, max_len // 2)]
     if cache_lens is None:
         cache_lens = (256, 2048) if dev.type == "cuda" else (256, 1024)
-    rounds = int(repeats or (15 if dev.type == "cuda" else 5))
+    rounds = int(repeats or (CUDA_ROUNDS if dev.type == "cuda" else 5))
     whole = bool(getattr(backend, "captures_steps", False))
     # whole steps keep what they accept (random drafts: about one token a step) within a round
     grow = 4 * len(sizes) if whole else 0
@@ -563,8 +570,9 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
 
 
 def load_or_calibrate(model, backend, force: bool = False, home: Path | None = None,
-                      progress: Callable[[str], None] | None = None) -> LatencyModel:
-    """The cached curve for (model, device, dtype, backend), measuring it if missing or ``force``."""
+                      progress: Callable[[str], None] | None = None, repeats: int | None = None) -> LatencyModel:
+    """The cached curve for (model, device, dtype, backend), measuring it if missing or ``force``
+    (``repeats``: timed rounds per size, see :func:`calibrate`)."""
     key = calibration_key(model, backend)
     path = calibration_path(key, home)
     if not force and path.exists():
@@ -577,7 +585,7 @@ def load_or_calibrate(model, backend, force: bool = False, home: Path | None = N
     if progress:
         progress(f"calibrating verification latency on {key['device']} (once; cached in {path})")
     t = time.perf_counter()
-    lm = calibrate(backend, progress=progress)
+    lm = calibrate(backend, repeats=repeats, progress=progress)
     lm.meta = {"key": key, "seconds_taken": round(time.perf_counter() - t, 2),
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:

@@ -26,3 +26,12 @@ def test_demo_table_totals():
     overall = out[-1]
     assert "1.14x" in overall  # 40 tokens in 4 s vs 3.5 s: totals, not a mean of ratios
     assert "1/2" in overall and "NO" in out[3]
+
+
+def test_calibrate_rounds_must_be_a_positive_number(capsys):
+    assert build_parser().parse_args(["calibrate", "--rounds", "60"]).rounds == 60
+    assert build_parser().parse_args(["calibrate"]).rounds is None
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["calibrate", "--rounds", bad])
+        assert "--rounds" in capsys.readouterr().err
