@@ -435,6 +435,23 @@ def _hybrid_with_gain(tree) -> HybridDrafter:
     return h
 
 
+def test_recycling_holds_the_fixed_trees_step_on_a_stepped_curve(monkeypatch):
+    """On a stepped curve (an H100's 64/96/128-node steps) the plan fills the step of the
+    device's fixed tree (tr80: 95 nodes) unless another size is predicted ANCHOR_MARGIN faster;
+    where the curve rises node by node there is no such anchor."""
+    from freespec.drafters import recycling as R
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")  # (a GPU's fixed tree)
+    tr = _hybrid_with_gain(HostTree.chain(5, [10], [0.5])).tr  # gain 1.5 * (1 - exp(-k / 20))
+    near = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()  # 63 predicted 1.8% faster
+    far = _stepped(((64, 1.0), (96, 1.08), (128, 1.16), (256, 2.0))).curve()  # 63 predicted 5.7% faster
+    assert tr.anchor(near, 160) == 95 and tr.anchor(steep().curve(), 160) is None
+    assert tr.choose(near, 200) == 95
+    assert tr.choose(far, 200) == 63
+    assert tr.choose(near, 200) == 95  # back to the anchor at once (no hysteresis toward it)
+    assert tr.anchor(near, 90) == 90 and tr.choose(near, 90) == 90  # the budget cuts the step short
+
+
 def test_hybrid_chooses_plan_and_attached_tree_together():
     """On a bucketed curve the retrieval tree is attached in the layout that pays: alone, Token
     Recycling takes 63 nodes (the 64-node bucket); a strong 20-node retrieval chain goes beside

@@ -47,6 +47,14 @@ RECHOOSE = 32
 # H100 the 64- and 96-node buckets differ by ~4%, and at 2% a first choice of 63 nodes held for a
 # whole run, where 95 had run 3% faster in another; at 1% the choice still varies run to run.)
 HYSTERESIS = 0.01
+# On a stepped latency curve (an H100: steps of 64, 96, 128 nodes) the plan stays at the step of
+# the device's fixed tree unless another size is predicted this much faster. There the sizes are
+# near ties: replaying 2,538 recorded H100 steps, the 63 / 95 / 127 best nodes took 0.988 / 1.014
+# / 1.030 of tr80's tokens a step, against steps costing ~1.03x apiece; the predicted rates of
+# the three lay within 2% of each other, and errors of 1-2% in the calibrated step ratios (a
+# 128/96 ratio of 1.022 measured as 1.03-1.04 in steps) moved the choice. Runs that took 95 nodes
+# were 1.01-1.03x tr80, runs that took 63 and 127 0.99x (docs/benchmarks.md, ninth session).
+ANCHOR_MARGIN = 0.03
 # Acceptance is counted on one step in this many, after the step, from the base tree it filled
 # (the count is ~15 small kernels: on an H100 ~0.05 ms a counted step, as device time and host
 # launches; as a variant of the captured step it doubled the step's CUDA graph captures).
@@ -188,18 +196,25 @@ class TokenRecycling(Drafter):
             self._miss = {}
             gain = self._blended_gain(p[order], read[2 * n :])
             self._gain = gain
-            k = choose_size(np.diff(gain), curve, max_nodes=min(budget, n_base), )
+            limit = min(budget, n_base)
+            k = choose_size(np.diff(gain), curve, max_nodes=limit)
             rank = self._rank_host.numpy()
             rank[0] = 0
             rank[order] = np.arange(1, n_base + 1)
             self._rank_of.copy_(self._rank_host, non_blocking=True)  # (pinned on a GPU: no wait)
-            # Hysteresis: keep the current plan unless the new one is predicted clearly faster
-            # (each new plan costs a CUDA graph capture; estimates wobble from step to step).
-            cur = self._plan_key
-            if cur is not None and len(cur) <= min(budget, n_base):
-                def rate(m):
-                    return (1.0 + gain[m]) / curve[m + 1]
 
+            def rate(m):
+                return (1.0 + gain[m]) / curve[m + 1]
+
+            # On a stepped curve: the step of the device's fixed tree, unless another size is
+            # predicted clearly faster (see ANCHOR_MARGIN)
+            anchor = self.anchor(curve, limit)
+            if anchor is not None and k != anchor and rate(k) < rate(anchor) * (1.0 + ANCHOR_MARGIN):
+                k = anchor
+            # Hysteresis: keep the current plan unless the new one is predicted clearly faster
+            # (estimates wobble from step to step); back to the anchor at once.
+            cur = self._plan_key
+            if cur is not None and len(cur) <= limit and k != anchor:
                 if rate(k) < rate(len(cur)) * (1.0 + HYSTERESIS):
                     return len(cur)
         if k == 0:
@@ -209,6 +224,18 @@ class TokenRecycling(Drafter):
         self._plan_key = key
         self._plan = self._plan_for(key)
         return k
+
+    def anchor(self, curve: np.ndarray, limit: int) -> int | None:
+        """Where the latency curve is stepped (CUDA graphs of a few tree sizes): the plan size
+        that fills the step holding the device's fixed tree (tr80: 95 nodes in the 96-node step);
+        None where the curve rises node by node there (a CPU)."""
+        d = min(get_template(default_template(self.device)).size, limit)
+        if d <= 0 or d + 2 >= len(curve):
+            return None
+        a = d
+        while a + 1 <= limit and a + 2 < len(curve) and curve[a + 2] <= curve[d + 1]:
+            a += 1
+        return a if a - d >= 4 else None  # (a tie of a few sizes is measurement, not a step)
 
     def _plan_for(self, key: tuple[int, ...]):
         """(shape, base node indices, serial) of the plan drafting base nodes ``key``."""
