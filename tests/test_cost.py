@@ -447,6 +447,12 @@ def test_recycling_holds_the_fixed_trees_step_on_a_stepped_curve(monkeypatch):
     far = _stepped(((64, 1.0), (96, 1.08), (128, 1.16), (256, 2.0))).curve()  # 63 predicted 5.7% faster
     assert tr.anchor(near, 160) == 95 and tr.anchor(steep().curve(), 160) is None
     assert tr.choose(near, 200) == 95
+    plan, ranked = tr._plan, tr._ranked[1]
+    j = int(ranked[120])  # a node outside the plan becomes a sure one: the ranking moves
+    tr.stats.tries[j] += 1e4
+    tr.stats.hits[j] += 1e4
+    assert tr.choose(near, 200) == 95
+    assert j in tr._ranked[1][:95] and tr._plan is plan  # the plan, nodes and all, stays
     assert tr.choose(far, 200) == 63
     assert tr.choose(near, 200) == 95  # back to the anchor at once (no hysteresis toward it)
     assert tr.anchor(near, 90) == 90 and tr.choose(near, 90) == 90  # the budget cuts the step short

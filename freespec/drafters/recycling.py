@@ -211,11 +211,13 @@ class TokenRecycling(Drafter):
             anchor = self.anchor(curve, limit)
             if anchor is not None and k != anchor and rate(k) < rate(anchor) * (1.0 + ANCHOR_MARGIN):
                 k = anchor
-            # Hysteresis: keep the current plan unless the new one is predicted clearly faster
-            # (estimates wobble from step to step); back to the anchor at once.
+            # Hysteresis: keep the current plan (its nodes too) unless one of another size is
+            # predicted clearly faster (estimates wobble from step to step; a new plan is host work
+            # and device copies, and on an H100 re-laying the 95 best nodes every RECHOOSE steps
+            # cost ~0.1 ms a step); back to the anchor at once.
             cur = self._plan_key
-            if cur is not None and len(cur) <= limit and k != anchor:
-                if rate(k) < rate(len(cur)) * (1.0 + HYSTERESIS):
+            if cur is not None and len(cur) <= limit:
+                if k == len(cur) or (k != anchor and rate(k) < rate(len(cur)) * (1.0 + HYSTERESIS)):
                     return len(cur)
         if k == 0:
             self._plan, self._plan_key = None, ()
