@@ -507,6 +507,22 @@ def test_hybrid_counts_what_an_attached_tree_adds_beyond_the_plan():
         assert h.used["attached"] == int(attached)
 
 
+def test_hybrid_leaves_the_anchor_step_only_for_a_clear_gain():
+    """An attached tree that puts the step into a costlier step of the curve than Token
+    Recycling's anchor must be predicted ANCHOR_MARGIN faster: 0.1 expected tokens for 2% more
+    time is left out, 1.0 is attached."""
+    curve = _stepped(((64, 1.0), (96, 1.02), (128, 1.5), (256, 2.0))).curve()
+    chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
+    for calibrated, attached in ((0.02, False), (0.2, True)):
+        h = _hybrid_with_gain(chain)
+        tr = h.tr
+        tr.plan_reach = lambda size: np.zeros(tr.shape.max_depth)  # the plan never reaches depth 1
+        h.sizer.scores = lambda tree, c=calibrated: np.full(tree.size - 1, c)
+        assert h.device_step(ctx).shape.size == 1 + 63 + (32 if attached else 0)  # (padded: same step)
+        assert h.used["attached"] == int(attached)
+
+
 def test_hybrid_device_steps_leave_weak_matches_out():
     """A retrieval tree below min_score (expected accepted length) is not weighed on device
     steps: not attached, and not learnt from."""

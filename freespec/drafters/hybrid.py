@@ -41,7 +41,7 @@ from ..tree import AttachBuffer, TreeShape, TreeTemplate, rank_prior
 from .base import DraftContext, Drafter
 from .lookup import PromptLookup, Retrieval
 from .merge import HostTree, _subset, merge_trees, to_draft
-from .recycling import _SERIALS, AUTO, TokenRecycling
+from .recycling import _SERIALS, ANCHOR_MARGIN, AUTO, TokenRecycling
 from .sizing import TreeSizer, size_tree
 from .suffix import SuffixDrafter
 
@@ -118,7 +118,9 @@ class HybridDrafter(Drafter):
         # a step, so an attached tree must promise that much more to be worth it)
         self._load_cost = 0.0
         self._steps: dict = {}  # device steps by (Token Recycling's step key, layout)
-        self._curve: tuple = (None, [])  # the last latency curve and its entries as floats
+        # the last latency curve, its entries as floats, and the cost of Token Recycling's
+        # anchor step (None: no anchor)
+        self._curve: tuple = (None, [], None)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -258,11 +260,19 @@ class HybridDrafter(Drafter):
         retrieval nodes by calibrated score fill it), or no attachment. On a bucketed curve a
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
         curve = ctx.latency
-        if curve is not self._curve[0]:  # Python floats: the pair loop reads a dozen entries
-            self._curve = (curve, curve.tolist())
-        cv = self._curve[1]
         tr = self.tr
+        if curve is not self._curve[0]:  # Python floats: the pair loop reads a dozen entries
+            a = tr.anchor(curve, ctx.budget) if tr.template.size > 0 else None
+            self._curve = (curve, curve.tolist(), None if a is None else float(curve[a + 1]))
+        cv, cap = self._curve[1], self._curve[2]
         last = len(cv) - 1
+
+        def handicap(cost):
+            # a pair whose step costs more than Token Recycling's anchor step must be predicted
+            # ANCHOR_MARGIN faster (as Token Recycling's own choice): on an H100, 95 + 32 nodes
+            # (the 128-node step) ran in ~45% of hybrid's steps for 1.5% more tokens than
+            # hybrid:tr80, and hybrid ran 2-4% slower
+            return 1.0 + ANCHOR_MARGIN if cap is not None and cost > cap else 1.0
         sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])) \
             if tr.template.size > 0 else [0]
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
@@ -284,7 +294,8 @@ class HybridDrafter(Drafter):
         best, pick = -1.0, (sizes[0], 0)
         for P in sizes:
             g = tr.plan_gain(P) if P > 0 else 1.0
-            rate = g / cv[min(P + 1, last)]
+            c = cv[min(P + 1, last)]
+            rate = g / c / handicap(c)
             if rate > best:
                 best, pick = rate, (P, 0)
             if s_o is None:
@@ -307,7 +318,8 @@ class HybridDrafter(Drafter):
                     d = d_o[k]
                     a += s_o[k] * (miss[d] if d < D else 1.0)
                     k += 1
-                rate = (g + a) / (cv[min(P + 1 + m, last)] + self._load_cost)
+                c = cv[min(P + 1 + m, last)]
+                rate = (g + a) / (c + self._load_cost) / handicap(c)
                 if rate > best:
                     best, pick = rate, (P, m)
         P, m = pick
