@@ -14,8 +14,9 @@ their logits), whichever drafter built it.
 
 With ``template="auto"`` (the default) and the engine's latency curve, merging is sized by
 the cost model instead of thresholds: retrieval scores are calibrated online to acceptance
-rates, Token Recycling's nodes carry their learnt acceptance probabilities, and the merged
-tree is cut to the node count that maximises expected tokens per second (or to nothing).
+rates, and so are Token Recycling's node scores, apart for steps with and without a retrieval
+tree (where retrieval finds nothing, its nodes are taken far less often than on average); the
+merged tree is cut to the node count that maximises expected tokens per second (or to nothing).
 
 Whole steps on the device (``device_step``, the native backend with CUDA graphs): Token
 Recycling's tree is filled on the device and the retrieval tree, built on the host, is hung
@@ -25,7 +26,9 @@ Merging by common prefix would need Token Recycling's tokens on the host (a seco
 here the two trees sit side by side; a retrieval node that repeats a Token Recycling node
 costs one verified token, nothing else. Weak matches (below ``min_match`` / ``min_score``) are
 left out; a stronger tree is cut by the cost model as above (without a latency curve: kept
-whole) and padded to 8 or 32 nodes, the larger where both pay for the same bucket.
+whole) and padded to 8 or 32 nodes, the larger where both pay for the same bucket. A pair
+(plan, attached tree) whose step costs more than Token Recycling's anchor step (see
+``TokenRecycling.anchor``) must be predicted ``ANCHOR_MARGIN`` faster.
 """
 
 from __future__ import annotations
