@@ -443,7 +443,6 @@ def test_recycling_holds_the_fixed_trees_step_on_a_stepped_curve(monkeypatch):
 
     monkeypatch.setattr(R, "default_template", lambda device: "tr80")  # (a GPU's fixed tree)
     tr = _hybrid_with_gain(HostTree.chain(5, [10], [0.5])).tr  # gain 1.5 * (1 - exp(-k / 20))
-    tr.reserve = 0  # (Token Recycling alone: no room kept for another tree)
     near = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()  # 63 predicted 1.8% faster
     far = _stepped(((64, 1.0), (96, 1.08), (128, 1.16), (256, 2.0))).curve()  # 63 predicted 5.7% faster
     assert tr.anchor(near, 160) == 95 and tr.anchor(steep().curve(), 160) is None
@@ -467,7 +466,6 @@ def test_hybrid_chooses_plan_and_attached_tree_together():
     chain = HostTree.chain(5, list(range(10, 30)), [0.5] * 20)
     h = _hybrid_with_gain(chain)
     tr = h.tr
-    tr.reserve = 0  # (the pair choice alone; the room kept in the anchor step: test below)
     ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
     assert tr.plan_options(ctx, 95) == [63, 95]  # its own choice, then the end of the next bucket
     h.retriever.r = None  # no match: the plan alone
@@ -488,7 +486,6 @@ def test_hybrid_lays_a_small_tree_into_the_largest_layout_of_the_same_bucket():
                          (((64, 1.0), (72, 1.06), (96, 1.5), (128, 1.5), (256, 2.0)), 8)):
         h = _hybrid_with_gain(chain)
         tr = h.tr
-        tr.reserve = 0  # (layouts alone)
         ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=_stepped(levels).curve())
         assert h.device_step(ctx).shape.size == 1 + 63 + want
         buf, _ = h._steps[(tr._by_size[64][3].key, want)]
@@ -520,26 +517,10 @@ def test_hybrid_leaves_the_anchor_step_only_for_a_clear_gain():
     for calibrated, attached in ((0.02, False), (0.2, True)):
         h = _hybrid_with_gain(chain)
         tr = h.tr
-        tr.reserve = 0  # (no room kept in the anchor step: the step must be left to attach)
         tr.plan_reach = lambda size: np.zeros(tr.shape.max_depth)  # the plan never reaches depth 1
         h.sizer.scores = lambda tree, c=calibrated: np.full(tree.size - 1, c)
         assert h.device_step(ctx).shape.size == 1 + 63 + (32 if attached else 0)  # (padded: same step)
         assert h.used["attached"] == int(attached)
-
-
-def test_hybrid_keeps_room_for_a_retrieval_tree_in_the_anchor_step():
-    """Hybrid's Token Recycling plan leaves the smallest attach layout free in its anchor step
-    (an H100: 87 + 8 in the 96-node step): a retrieval tree rides there without paying the next
-    step; without one the plan fills the step (its end is one of the plan options)."""
-    curve = _stepped(((64, 1.0), (96, 1.06), (128, 1.5), (256, 2.0))).curve()  # anchor step: 64
-    chain = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
-    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
-    h = _hybrid_with_gain(chain)
-    assert h.tr.reserve == 8 and h.tr.anchor(curve, 160) == 55
-    assert h.device_step(ctx).shape.size == 1 + 55 + 8
-    h.retriever.r = None
-    assert h.device_step(ctx).shape.size == 1 + 63
-    assert h.tr.chosen_sizes == {55: 1, 63: 1}
 
 
 def test_hybrid_device_steps_leave_weak_matches_out():

@@ -103,11 +103,6 @@ class HybridDrafter(Drafter):
             raise TypeError("the retriever must have a retrieve(ctx) method (SuffixDrafter, PromptLookup)")
         self.tr = TokenRecycling(vocab_size=vocab_size, template=template, k=k, device=device,
                                  seed_from_prompt=seed_from_prompt)
-        # Token Recycling's anchor plan leaves the smallest attach layout free in its step
-        # (H100: 87 + 8 in the 96-node step, where hybrid:tr80 runs 80 + 8): a retrieval tree
-        # then rides in the step without paying the next one; without one, the pair choice
-        # takes the plan that fills the step (95: the step's end is one of plan_options)
-        self.tr.reserve = ATTACH_SLOTS[0]
         self.retriever = retriever
         self.mode = mode
         self.min_match = int(min_match)

@@ -91,7 +91,6 @@ class TokenRecycling(Drafter):
         self.device = torch.device(device)
         self.seed_from_prompt = seed_from_prompt
         self.matrix = torch.zeros(self.vocab_size, self.k, dtype=torch.int32, device=self.device)
-        self.reserve = 0  # nodes of the anchor step left free for another drafter's tree (see anchor)
         self.set_template(template)
 
     # ------------------------------------------------------------------ template
@@ -230,18 +229,15 @@ class TokenRecycling(Drafter):
 
     def anchor(self, curve: np.ndarray, limit: int) -> int | None:
         """Where the latency curve is stepped (CUDA graphs of a few tree sizes): the plan size
-        that fills the step holding the device's fixed tree (tr80: 95 nodes in the 96-node step),
-        less ``reserve`` nodes left for a drafter that hangs its own tree beside this one (not
-        below the fixed tree's size); None where the curve rises node by node there (a CPU)."""
+        that fills the step holding the device's fixed tree (tr80: 95 nodes in the 96-node step);
+        None where the curve rises node by node there (a CPU)."""
         d = min(get_template(default_template(self.device)).size, limit)
         if d <= 0 or d + 2 >= len(curve):
             return None
         a = d
         while a + 1 <= limit and a + 2 < len(curve) and curve[a + 2] <= curve[d + 1]:
             a += 1
-        if a - d < 4:  # (a tie of a few sizes is measurement, not a step)
-            return None
-        return max(d, a - self.reserve)
+        return a if a - d >= 4 else None  # (a tie of a few sizes is measurement, not a step)
 
     def _plan_for(self, key: tuple[int, ...]):
         """(shape, base node indices, serial) of the plan drafting base nodes ``key``."""
