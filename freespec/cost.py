@@ -286,12 +286,18 @@ class ScoreCalibrator:
         self.hits = np.zeros(self.bins)
         self.centres = (np.arange(self.bins) + 0.5) / self.bins
         self._map = self.centres.copy()
+        self.map_list = self._map.tolist()  # (the map as Python floats, for bin_list's bins)
         self._pending: list[tuple[np.ndarray, object]] = []  # (bins, accepted) not folded in yet
 
     def bin(self, scores) -> np.ndarray:
         """Each score's bin (for :meth:`rates` and ``update(bins=...)``)."""
         s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
         return np.minimum((s * self.bins).astype(np.int64), self.bins - 1)
+
+    def bin_list(self, scores) -> list[int]:
+        """:meth:`bin` for a few scores, in Python (no numpy call); index ``map_list`` with it."""
+        top = self.bins - 1
+        return [min(int(s * self.bins), top) if s > 0.0 else 0 for s in scores]
 
     def rates(self, bins: np.ndarray) -> np.ndarray:
         """The calibrated acceptance rate of each bin in ``bins``."""
@@ -322,6 +328,7 @@ class ScoreCalibrator:
         self.hits = self.hits * f + np.bincount(b, weights=w * a, minlength=self.bins)
         w = self.n + self.strength
         self._map = isotonic((self.hits + self.strength * self.centres) / w, w)
+        self.map_list = self._map.tolist()
 
 
 def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -163,6 +163,7 @@ class AttachBuffer:
         self.base = base
         self.loaded = 0  # real nodes in the last load (the rest are copies)
         self._base_version = None  # the base_version the host blocks' base rows were built for
+        self._rows: dict[tuple, tuple] = {}  # attached rows by the attached tree's parents (see load)
 
     @staticmethod
     def _views(block: torch.Tensor, n: int, D: int, m: int):
@@ -182,6 +183,39 @@ class AttachBuffer:
             raise TreeError(f"an attached tree needs 1 to {self.slots} nodes with one parent each, got {k}")
         P, m = self.base_size, self.slots
         par_np, dep_np, paths_np, tok_np = self._h
+        anc = self._anc_np
+        key = tuple(parents)
+        rows = self._rows.get(key)
+        if rows is not None:  # a structure loaded before (retrieval trees repeat: chains mostly)
+            par_np[P:], dep_np[P:], paths_np[P:], anc[P:] = rows
+        else:
+            self._structure(parents, k)
+            if len(self._rows) >= 512:
+                self._rows.clear()
+            self._rows[key] = (par_np[P:].copy(), dep_np[P:].copy(), paths_np[P:].copy(), anc[P:].copy())
+        tok_np[:k] = tokens
+        tok_np[k:] = tokens[k - 1]
+        self.loaded = k
+        if base_parents is not None and (base_version is None or base_version != self._base_version):
+            self._set_base_rows(base_parents)
+            self._base_version = base_version
+        self._dev.copy_(self._host, non_blocking=True)
+        self._dev_anc.copy_(self._host_anc, non_blocking=True)
+        if base_parents is not None:
+            return
+        # the base's rows from the base itself (the attached rows only ever refer to its root,
+        # whose row is the same in every tree)
+        b, s = self.base, self.shape
+        s.parents[:P].copy_(b.parents)
+        s.depth[:P].copy_(b.depth)
+        s.paths[:P, : b.paths.shape[1]].copy_(b.paths)
+        s.ancestors[:P, :P].copy_(b.ancestors)
+
+    def _structure(self, parents: Sequence[int], k: int) -> None:
+        """The host blocks' attached rows (parents, depth, paths, ancestors) for a tree of
+        ``k`` nodes with local ``parents``, padded to the slots by copies of the last node."""
+        P, m = self.base_size, self.slots
+        par_np, dep_np, paths_np, _ = self._h
         # each extra node's path from the root (global indices), built on the host in lists
         gpar, paths = [0] * m, [()] * m
         for j in range(m):
@@ -204,23 +238,6 @@ class AttachBuffer:
         anc = self._anc_np
         anc[P:] = False
         anc[rows, flat] = True  # a node's ancestors (and itself) are its path
-        tok_np[:k] = tokens
-        tok_np[k:] = tokens[k - 1]
-        self.loaded = k
-        if base_parents is not None and (base_version is None or base_version != self._base_version):
-            self._set_base_rows(base_parents)
-            self._base_version = base_version
-        self._dev.copy_(self._host, non_blocking=True)
-        self._dev_anc.copy_(self._host_anc, non_blocking=True)
-        if base_parents is not None:
-            return
-        # the base's rows from the base itself (the attached rows only ever refer to its root,
-        # whose row is the same in every tree)
-        b, s = self.base, self.shape
-        s.parents[:P].copy_(b.parents)
-        s.depth[:P].copy_(b.depth)
-        s.paths[:P, : b.paths.shape[1]].copy_(b.paths)
-        s.ancestors[:P, :P].copy_(b.ancestors)
 
     def _set_base_rows(self, parents: Sequence[int]) -> None:
         """The host blocks' base rows from the base's structure ``parents``."""

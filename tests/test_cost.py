@@ -427,8 +427,10 @@ class _FixedRetrieval:
 
 def _hybrid_with_gain(tree) -> HybridDrafter:
     """Hybrid (auto) offering ``tree`` every step, its Token Recycling half having learnt a
-    realized gain of 1.5 * (1 - exp(-k / 20)) accepted nodes among the k best-ranked."""
+    realized gain of 1.5 * (1 - exp(-k / 20)) accepted nodes among the k best-ranked; no cut
+    plans (``cut_for``)."""
     h = HybridDrafter(50, template="auto", retriever=_FixedRetrieval(tree))
+    h.cut_for = ()  # (plans cut to carry a retrieval tree: their own test)
     real = 1.5 * (1.0 - np.exp(-np.arange(h.tr.shape.size) / 20.0))
     h.tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
     h.tr._realized_n.fill_(1e4)
@@ -521,6 +523,42 @@ def test_hybrid_leaves_the_anchor_step_only_for_a_clear_gain():
         h.sizer.scores = lambda tree, c=calibrated: np.full(tree.size - 1, c)
         assert h.device_step(ctx).shape.size == 1 + 63 + (32 if attached else 0)  # (padded: same step)
         assert h.used["attached"] == int(attached)
+
+
+def test_hybrid_cuts_the_anchor_plan_to_carry_a_retrieval_tree_in_its_step(monkeypatch):
+    """Where Token Recycling's plan fills its anchor step (tr80's 96-node step: 95 nodes), a
+    retrieval tree rides in that step beside the plan cut by its layout (87 + 8, 63 + 32) rather
+    than paying for the 128-node step; a cut plan is never taken alone, and it stays the same
+    nodes (the same laid buffer) while the plan does, whatever the ranking does meanwhile."""
+    from freespec.drafters import recycling as R
+    from freespec.drafters.hybrid import CUT_FOR
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")  # (a GPU's fixed tree)
+    assert CUT_FOR == (8, 32)
+    curve = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=curve)
+    short = HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5)
+    long = HostTree.chain(5, list(range(10, 30)), [0.5] * 20)
+    for tree, (P, m) in ((None, (95, 0)), (short, (87, 8)), (long, (63, 32))):
+        h = _hybrid_with_gain(short)
+        h.cut_for = CUT_FOR
+        h.retriever.r = None if tree is None else _FixedRetrieval(tree).r
+        tr = h.tr
+        tr.plan_reach = lambda size: np.zeros(tr.shape.max_depth)  # the plan never reaches depth 1
+        assert h.device_step(ctx).shape.size == 1 + P + m == 96
+        assert tr.chosen_sizes == {P: 1} and h.used["attached" if m else "recycling"] == 1
+        if P == 87:
+            plan = set(tr._plan_key)
+            assert len(plan) == 95 and set(tr._top[87][1].tolist()[1:]) <= plan
+            laid = tr._by_size[88][2]
+            # a node of the plan outside the cut becomes a sure one: the ranking moves, the cut stays
+            j = next(int(i) for i in tr._ranked[1][88:95])
+            tr.stats.tries[j] += 1e4
+            tr.stats.hits[j] += 1e4
+            tr._since = R.RECHOOSE
+            assert h.device_step(ctx).shape.size == 96
+            assert j in tr._ranked[1][:87] and set(tr._plan_key) == plan
+            assert tr._by_size[88][2] == laid and j not in tr._top[87][1].tolist()
 
 
 def test_hybrid_device_steps_leave_weak_matches_out():

@@ -90,8 +90,10 @@ def test_attach_buffer_matches_a_tree_built_from_scratch(extra):
 
     base = TreeShape.from_parents(get_template("tr8").parents())
     buf = AttachBuffer(base, 8, "cpu")
-    for tree in (extra, [-1, 0, 1, 2, 3, 4, 5, 6], extra):  # rewritten in place, deeper than the base
-        toks = [100 + i for i in range(len(tree))]
+    # rewritten in place, deeper than the base; the last load's structure is a cached one, with
+    # other tokens
+    for n, tree in enumerate((extra, [-1, 0, 1, 2, 3, 4, 5, 6], extra)):
+        toks = [100 + 10 * n + i for i in range(len(tree))]
         buf.load(toks, tree)
         want = _combined(base.parents_list, tree, 8)
         s = buf.shape

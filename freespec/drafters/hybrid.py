@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from operator import mul
 
 import torch
 
@@ -54,6 +55,11 @@ ATTACH_SLOTS = (8, 32)  # retrieval-tree sizes a captured step is laid out for (
 # Most nodes of a step with an attached tree (root included): a bigger step would be a new
 # forward size, i.e. a compile and graph captures mid-run (seconds), for a few more nodes.
 ATTACH_LIMIT = 128
+# Where Token Recycling's plan fills its anchor step (see TokenRecycling.anchor; an H100: 95 nodes
+# in the 96-node step), a retrieval tree beside it would pay for the next step (128 nodes). The
+# pair choice also weighs the plan cut by each of these layouts, with that layout attached (87 + 8,
+# 63 + 32: the same 96-node step); a cut plan is never taken alone.
+CUT_FOR = (8, 32)
 
 
 class HybridDrafter(Drafter):
@@ -123,7 +129,9 @@ class HybridDrafter(Drafter):
         self._steps: dict = {}  # device steps by (Token Recycling's step key, layout)
         # the last latency curve, its entries as floats, and the cost of Token Recycling's
         # anchor step (None: no anchor)
-        self._curve: tuple = (None, [], None)
+        self._curve: tuple = (None, [], None, None)
+        self.cut_for: tuple[int, ...] = CUT_FOR
+        self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -264,20 +272,12 @@ class HybridDrafter(Drafter):
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
         curve = ctx.latency
         tr = self.tr
-        if curve is not self._curve[0]:  # Python floats: the pair loop reads a dozen entries
+        if curve is not self._curve[0]:  # Python floats: the pair table reads a dozen entries
             a = tr.anchor(curve, ctx.budget) if tr.template.size > 0 else None
-            self._curve = (curve, curve.tolist(), None if a is None else float(curve[a + 1]))
-        cv, cap = self._curve[1], self._curve[2]
-        last = len(cv) - 1
-
-        def handicap(cost):
-            # a pair whose step costs more than Token Recycling's anchor step must be predicted
-            # ANCHOR_MARGIN faster (as Token Recycling's own choice): on an H100, 95 + 32 nodes
-            # (the 128-node step) ran in ~45% of hybrid's steps for 1.5% more tokens than
-            # hybrid:tr80, and hybrid ran 2-4% slower
-            return 1.0 + ANCHOR_MARGIN if cap is not None and cost > cap else 1.0
+            self._curve = (curve, curve.tolist(), None if a is None else float(curve[a + 1]), a)
         sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])) \
             if tr.template.size > 0 else [0]
+        rows = self._pair_table(curve, sizes)
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
@@ -289,21 +289,20 @@ class HybridDrafter(Drafter):
         if r is not None and r.tree.size > 1:
             # (Python lists: a tree has at most a few dozen nodes, and numpy's per-call cost
             # on the GPU machine's host exceeded the work)
-            sl = self.sizer.scores(r.tree).tolist()  # calibrated; the sizer learns from this tree at done()
+            sl = self.sizer.scores(r.tree)  # calibrated; the sizer learns from this tree at done()
             order = sorted(range(len(sl)), key=sl.__getitem__, reverse=True)  # stable: parents first
             dep = r.tree.depth()
             s_o = [sl[i] for i in order]
             d_o = [dep[i + 1] - 1 for i in order]  # depth - 1, best first
+            n = len(s_o)
         best, pick = -1.0, (sizes[0], 0)
-        for P in sizes:
-            g = tr.plan_gain(P) if P > 0 else 1.0
-            c = cv[min(P + 1, last)]
-            rate = g / c / handicap(c)
+        load = self._load_cost
+        for P, g, rate, miss, layouts in rows:
             if rate > best:
                 best, pick = rate, (P, 0)
             if s_o is None:
                 continue
-            room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
+            room = ctx.budget - P
             # expected extra tokens of the best m retrieval nodes: a node gains where Token
             # Recycling's plan stops short of its depth, taken as independent of the plan.
             # Replaying the H100's recorded steps (docs/results/replay-hybrid-s7), trees whose
@@ -311,18 +310,14 @@ class HybridDrafter(Drafter):
             # 0.66 / 1.3 beyond the plan's path; independence gives 0.08 / 0.28 / 0.87 / 2.2
             # (the plain sum, as before, counted a retrieval chain repeating the plan's best
             # branch in full)
-            miss = tr.plan_miss(P) if P > 0 else []
-            D = len(miss)
-            a, k, n = 0.0, 0, len(s_o)
-            for m in ATTACH_SLOTS:  # (ascending: the sum over the best m grows as m does)
+            a, k = 0.0, 0
+            for m, c, h in layouts:  # (ascending: the sum over the best m grows as m does)
                 if m > room:
                     break
-                while k < min(m, n):
-                    d = d_o[k]
-                    a += s_o[k] * (miss[d] if d < D else 1.0)
-                    k += 1
-                c = cv[min(P + 1 + m, last)]
-                rate = (g + a) / (c + self._load_cost) / handicap(c)
+                if k < n:
+                    a += sum(map(mul, s_o[k:m], map(miss.__getitem__, d_o[k:m])))
+                    k = m
+                rate = (g + a) / (c + load) / h
                 if rate > best:
                     best, pick = rate, (P, m)
         P, m = pick
@@ -337,11 +332,46 @@ class HybridDrafter(Drafter):
             # the largest layout that costs what the smallest that fits costs (on a bucketed
             # curve the step is padded to its bucket anyway): fewer layouts per plan, so fewer
             # CUDA graph captures per KV extent (63 + 8 and 63 + 32 nodes both pay for 96)
-            fit = next(x for x in ATTACH_SLOTS if x >= tree.size - 1)
-            room = min(ctx.budget - P, ATTACH_LIMIT - 1 - P)
-            cost = cv[min(P + 1 + fit, last)]
-            m = max(x for x in ATTACH_SLOTS if x == fit or (fit < x <= room and cv[min(P + 1 + x, last)] <= cost))
+            layouts = next(row[4] for row in rows if row[0] == P)
+            cost = next(c for x, c, _ in layouts if x >= tree.size - 1)
+            m = max(x for x, c, _ in layouts if tree.size - 1 <= x <= ctx.budget - P and c <= cost)
         return self._assemble(base, m, tree)
+
+    def _pair_table(self, curve, sizes: list[int]) -> list[tuple]:
+        """Per plan size P of ``sizes``: (P, expected tokens of the plan alone, its rate, the
+        plan's miss by depth (``plan_miss``), [(layout m, step cost, handicap)] for the layouts
+        that fit ATTACH_LIMIT); kept until the curve, Token Recycling's choice or the sizes
+        change (every few steps at most), so a step's pair choice is a few multiplications."""
+        tr = self.tr
+        got = self._table
+        if got[0] is curve and got[1] is tr._gain and got[2] is sizes:
+            return got[3]
+        cv, cap, anchor = self._curve[1:]
+        last = len(cv) - 1
+
+        def handicap(cost):
+            # a pair whose step costs more than Token Recycling's anchor step must be predicted
+            # ANCHOR_MARGIN faster (as Token Recycling's own choice): on an H100, 95 + 32 nodes
+            # (the 128-node step) ran in ~45% of hybrid's steps for 1.5% more tokens than
+            # hybrid:tr80, and hybrid ran 2-4% slower
+            return 1.0 + ANCHOR_MARGIN if cap is not None and cost > cap else 1.0
+        rows = []
+        cuts = [] if anchor is None else [anchor - m for m in self.cut_for if 0 < anchor - m and anchor - m not in sizes]
+        for P in sizes + cuts:
+            g = tr.plan_gain(P) if P > 0 else 1.0
+            c = cv[min(P + 1, last)]
+            layouts = []
+            for m in ATTACH_SLOTS:
+                if P + 1 + m > ATTACH_LIMIT:
+                    break
+                cm = cv[min(P + 1 + m, last)]
+                layouts.append((m, cm, handicap(cm)))
+            alone = g / c / handicap(c) if P in sizes else -1.0  # (a cut plan comes with a retrieval tree)
+            # (the plan's miss by depth, then 1.0 to the deepest an attached tree can reach)
+            miss = (tr.plan_miss(P) if P > 0 else []) + [1.0] * (ATTACH_SLOTS[-1] + 1)
+            rows.append((P, g, alone, miss, layouts))
+        self._table = (curve, tr._gain, sizes, rows)
+        return rows
 
     def _assemble(self, tr: DeviceStep | None, m: int, tree: HostTree | None) -> DeviceStep:
         """The step: Token Recycling's (``tr``; None: the root alone) with ``tree`` loaded into

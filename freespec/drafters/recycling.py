@@ -136,6 +136,7 @@ class TokenRecycling(Drafter):
         self._base: torch.Tensor | None = None  # the last full base tree's tokens (host steps)
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None  # (P per node, nodes by P) at the last choice
         self._top: dict[int, tuple] = {}  # plans of other sizes from the last choice's ranking (plan_step)
+        self._cuts: tuple = ((), {})  # (plan key, {size: base nodes}): cuts of the current plan (plan_step)
         self._options: tuple = (None, None, [])  # plan_options' last (curve, (own size, budget), sizes)
         self.chosen_sizes: dict[int, int] = {}  # draft nodes -> steps (for reports)
         # The acceptance count reads fixed buffers (one CUDA graph replay on a GPU): the base
@@ -345,7 +346,20 @@ class TokenRecycling(Drafter):
             return self._plan_step(self._plan)
         plan = self._top.get(size)
         if plan is None:
-            plan = self._top[size] = self._plan_for(tuple(sorted(int(i) for i in self._ranked[1][:size])))
+            cur = self._plan_key
+            if cur and size < len(cur):
+                # a cut of the current plan (its best nodes, by the ranking of the first cut),
+                # kept while the plan is: a cut re-ranked at every choice would re-lay its
+                # buffer, and the base rows of the trees attached beside it, every RECHOOSE steps
+                if self._cuts[0] != cur:
+                    self._cuts = (cur, {})
+                key = self._cuts[1].get(size)
+                if key is None:
+                    inside = set(cur)
+                    key = self._cuts[1][size] = tuple(sorted([int(i) for i in self._ranked[1] if int(i) in inside][:size]))
+            else:
+                key = tuple(sorted(int(i) for i in self._ranked[1][:size]))
+            plan = self._top[size] = self._plan_for(key)
         return self._plan_step(plan)
 
     def laid_plan(self, shape: TreeShape) -> tuple[int, tuple[int, ...]]:

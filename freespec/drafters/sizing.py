@@ -48,18 +48,19 @@ class TreeSizer:
 
     def calibrated(self, tree: HostTree) -> HostTree:
         """The same tree with scores mapped to estimated acceptance probabilities."""
-        s = self.scores(tree)
-        return HostTree(tree.tokens, tree.parents, [1.0, *s.tolist()])
+        return HostTree(tree.tokens, tree.parents, [1.0, *self.scores(tree)])
 
-    def scores(self, tree: HostTree) -> np.ndarray:
+    def scores(self, tree: HostTree) -> list[float]:
         """Estimated acceptance probabilities of ``tree``'s nodes 1.. (learnt from, like
-        :meth:`calibrated`)."""
+        :meth:`calibrated`). (Python lists: a tree is a few dozen nodes at most, where numpy's
+        per-call cost exceeds the work; this runs at every step.)"""
         self._last = tree
         if tree.size <= 1:
             self._bins = None
-            return np.zeros(0)
-        self._bins = self.cal.bin(tree.scores[1:])
-        return self.cal.rates(self._bins)
+            return []
+        self._bins = bins = self.cal.bin_list(tree.scores[1:])
+        rate = self.cal.map_list
+        return [rate[b] for b in bins]
 
     def cut(self, tree: HostTree, ctx) -> HostTree | None:
         """``tree`` cut to what pays at ``ctx``'s latency curve (None: a plain step); the tree
