@@ -738,3 +738,30 @@ def test_deferred_learning_leaves_what_learning_at_once_leaves():
             assert torch.equal(a, b)
         else:
             assert np.array_equal(a, b)
+
+
+def test_device_steps_rechoose_the_plan_in_deferred_work():
+    """On device steps the re-choice due every RECHOOSE steps reads the statistics back between
+    steps (in ``done``) and picks the plan in the deferred work, which runs while the next step
+    computes: the next step's draft does not wait for it (host steps choose at once)."""
+    from freespec.drafters import recycling as R
+
+    tr = TokenRecycling(vocab_size=50, template="auto")
+    calls = []
+    choose = tr.choose
+    tr.choose = lambda curve, budget, read=None: calls.append(read is not None) or choose(curve, budget, read=read)
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=flat().curve())
+    ds = tr.device_step(ctx)  # the first step chooses at once
+    assert ds is not None and calls == [False]
+    for _ in range(R.RECHOOSE - 1):
+        later = ds.done([7])
+        if later is not None:
+            later()
+        ds = tr.device_step(ctx)
+    assert calls == [False]
+    later = ds.done([7])  # the RECHOOSE-th step since the choice: due
+    assert later is not None and calls == [False] and tr._since == 0
+    tr.device_step(ctx)  # the next step drafts with the plan it has
+    assert calls == [False]
+    later()
+    assert calls == [False, True]

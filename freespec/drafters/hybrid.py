@@ -132,6 +132,7 @@ class HybridDrafter(Drafter):
         self._curve: tuple = (None, [], None, None)
         self.cut_for: tuple[int, ...] = CUT_FOR
         self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
+        self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -367,11 +368,20 @@ class HybridDrafter(Drafter):
                 cm = cv[min(P + 1 + m, last)]
                 layouts.append((m, cm, handicap(cm)))
             alone = g / c / handicap(c) if P in sizes else -1.0  # (a cut plan comes with a retrieval tree)
-            # (the plan's miss by depth, then 1.0 to the deepest an attached tree can reach)
-            miss = (tr.plan_miss(P) if P > 0 else []) + [1.0] * (ATTACH_SLOTS[-1] + 1)
-            rows.append((P, g, alone, miss, layouts))
+            rows.append((P, g, alone, self._miss(P), layouts))
         self._table = (curve, tr._gain, sizes, rows)
         return rows
+
+    def _miss(self, P: int) -> list[float]:
+        """Token Recycling's ``plan_miss(P)``, then 1.0 to the deepest an attached tree can
+        reach; kept until its next choice (the pair table is rebuilt at every new curve)."""
+        got = self._misses
+        if got[0] is not self.tr._gain:
+            got = self._misses = (self.tr._gain, {})
+        m = got[1].get(P)
+        if m is None:
+            m = got[1][P] = (self.tr.plan_miss(P) if P > 0 else []) + [1.0] * (ATTACH_SLOTS[-1] + 1)
+        return m
 
     def _assemble(self, tr: DeviceStep | None, m: int, tree: HostTree | None) -> DeviceStep:
         """The step: Token Recycling's (``tr``; None: the root alone) with ``tree`` loaded into

@@ -130,6 +130,7 @@ class TokenRecycling(Drafter):
         self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _plan_step)
         self._full_step: DeviceStep | None = None  # device step of a fixed template
         self._since = RECHOOSE  # steps since the last choice
+        self._choice = None  # (latency curve, budget) of the last step's plan (see learn)
         self._clock = 0  # steps taken (every LEARN_EVERY-th one counts acceptance)
         self._planned = None  # the DraftContext whose plan device_step chose (see propose)
         self._plan_key: tuple[int, ...] | None = None  # base nodes of the current plan (() = plain)
@@ -178,17 +179,23 @@ class TokenRecycling(Drafter):
         """Estimated P(accepted) of every base node (root = 1)."""
         return self.stats.path_probs()
 
-    def choose(self, curve: np.ndarray | None, budget: int) -> int:
-        """Pick the node subset for the next steps; returns its size (0 = plain decoding)."""
+    def _read_stats(self) -> np.ndarray:
+        """One read back of everything a choice looks at (each read is a sync on a GPU)."""
+        st = self.stats
+        st.fold_decay()
+        return torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
+
+    def choose(self, curve: np.ndarray | None, budget: int, read: np.ndarray | None = None) -> int:
+        """Pick the node subset for the next steps; returns its size (0 = plain decoding).
+        ``read``: the statistics as ``_read_stats`` returned them (else read now)."""
         n_base = self.template.size
         if curve is None:  # no latency curve: the device's fixed default, cut from the base
             k = min(get_template(default_template(self.device)).size, n_base, budget)
             order = np.arange(1, k + 1)
         else:
-            # one read back of everything the choice looks at (each read is a sync on a GPU)
             st = self.stats
-            st.fold_decay()
-            read = torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
+            if read is None:
+                read = self._read_stats()
             n = len(st.prior)
             p = st.path_probs(read[: 2 * n].reshape(2, n))
             order = order_nodes(p, st.parents)
@@ -456,6 +463,7 @@ class TokenRecycling(Drafter):
         if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > budget):
             self.choose(ctx.latency, budget)
             self._since = 0
+        self._choice = None if ctx.latency is None else (ctx.latency, budget)
         plan = self._plan
         if count:
             self._since += 1
@@ -468,6 +476,21 @@ class TokenRecycling(Drafter):
         self.learn(accepted)
 
     def learn(self, accepted: list[int], defer: bool = False):
+        """Acceptance statistics of every base node from the tokens this step emitted (see
+        ``_learn_counts``). ``defer`` (device steps): when the plan is due to be re-chosen, the
+        statistics are read back now (the device is idle between steps) and the choice is
+        returned with the deferred work, to run while the next step computes: ~0.15 ms of host
+        work every RECHOOSE steps (an H100 machine's host: ~3x that) off the steps' critical
+        path; the plan it picks drafts from the step after."""
+        later = self._learn_counts(accepted, defer)
+        if defer and self.auto and self._since >= RECHOOSE and self._choice is not None:
+            read = self._read_stats()
+            self._since = 0
+            choice = functools.partial(self.choose, *self._choice, read=read)
+            later = choice if later is None else _both(later, choice)
+        return later
+
+    def _learn_counts(self, accepted: list[int], defer: bool = False):
         """Acceptance statistics of every base node from the tokens this step emitted (host
         steps: ``observe``; device steps: ``DeviceStep.done``, with ``defer``).
 
@@ -652,6 +675,11 @@ class TokenRecycling(Drafter):
 
 
 CHUNK = 128  # top_k_ids: vocabulary slice per first-pass maximum
+
+
+def _both(a, b):
+    """One deferred callable running ``a`` then ``b``."""
+    return lambda: (a(), b())
 
 
 def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
