@@ -28,7 +28,9 @@ costs one verified token, nothing else. Weak matches (below ``min_match`` / ``mi
 left out; a stronger tree is cut by the cost model as above (without a latency curve: kept
 whole) and padded to 8 or 32 nodes, the larger where both pay for the same bucket. A pair
 (plan, attached tree) whose step costs more than Token Recycling's anchor step (see
-``TokenRecycling.anchor``) must be predicted ``ANCHOR_MARGIN`` faster.
+``TokenRecycling.anchor``) must be predicted ``ANCHOR_MARGIN`` faster; the plan cut by a
+layout (``CUT_FOR``: 87 + 8 and 63 + 32 in an H100's 96-node step) is weighed too, so a
+retrieval tree need not pay for the next step.
 """
 
 from __future__ import annotations

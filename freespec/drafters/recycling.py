@@ -320,7 +320,9 @@ class TokenRecycling(Drafter):
         Never smaller than its own choice: measured on the H100 (hybrid), plans shrunk to make
         room for retrieval nodes (31 + 8 in the 64-node bucket) lost 14% of the accepted
         tokens, as the retrieval nodes mostly repeat Token Recycling's best branch while
-        their expected gains were added as if independent. Take one with :meth:`plan_step`."""
+        their expected gains were added as if independent. (Hybrid adds cuts of the plan of its
+        own, weighed with the plan's reach by depth: ``hybrid.CUT_FOR``.) Take one with
+        :meth:`plan_step`; a size below the current plan's is a cut of that plan."""
         budget = ctx.budget if budget is None else min(ctx.budget, budget)
         own = self._next_plan(ctx, budget, count=False)
         k = 0 if own is None else own[0].size - 1
