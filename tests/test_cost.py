@@ -765,3 +765,20 @@ def test_device_steps_rechoose_the_plan_in_deferred_work():
     assert calls == [False]
     later()
     assert calls == [False, True]
+
+
+def test_hybrid_reads_the_latency_curve_again_when_it_has_moved(monkeypatch):
+    """The engine hands a new curve every few steps (the cache grows); the pair choice keeps
+    the curve it read (its anchor, options and table) until the engine's has moved by
+    CURVE_DRIFT, and reads every new curve near the end of the context."""
+    from freespec.drafters import recycling as R
+    from freespec.drafters.hybrid import CURVE_DRIFT
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")
+    h = _hybrid_with_gain(HostTree.chain(5, [10, 11, 12, 13, 14], [0.9] * 5))
+    a = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    near, far = a * (1 + CURVE_DRIFT / 2), a * (1 + 2 * CURVE_DRIFT)
+    for curve, budget, read in ((a, 4000, a), (near, 4000, a), (far, 4000, far), (far * 1.0, 200, None)):
+        h.device_step(DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=budget, latency=curve))
+        assert h._curve[0] is curve
+        assert h._curve[1] is (curve if read is None else read)

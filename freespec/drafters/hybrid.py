@@ -39,6 +39,7 @@ import dataclasses
 import time
 from operator import mul
 
+import numpy as np
 import torch
 
 from ..backends.base import DeviceStep
@@ -47,7 +48,7 @@ from ..tree import AttachBuffer, TreeShape, TreeTemplate, rank_prior
 from .base import DraftContext, Drafter
 from .lookup import PromptLookup, Retrieval
 from .merge import HostTree, _subset, merge_trees, to_draft
-from .recycling import _SERIALS, ANCHOR_MARGIN, AUTO, TokenRecycling
+from .recycling import _SERIALS, ANCHOR_MARGIN, AUTO, RECHOOSE, TokenRecycling
 from .sizing import TreeSizer, size_tree
 from .suffix import SuffixDrafter
 
@@ -62,6 +63,8 @@ ATTACH_LIMIT = 128
 # pair choice also weighs the plan cut by each of these layouts, with that layout attached (87 + 8,
 # 63 + 32: the same 96-node step); a cut plan is never taken alone.
 CUT_FOR = (8, 32)
+# The pair choice re-reads the engine's latency curve when it has moved this much (see _view).
+CURVE_DRIFT = 0.02
 
 
 class HybridDrafter(Drafter):
@@ -129,9 +132,10 @@ class HybridDrafter(Drafter):
         # a step, so an attached tree must promise that much more to be worth it)
         self._load_cost = 0.0
         self._steps: dict = {}  # device steps by (Token Recycling's step key, layout)
-        # the last latency curve, its entries as floats, and the cost of Token Recycling's
-        # anchor step (None: no anchor)
-        self._curve: tuple = (None, [], None, None)
+        # the last latency curve, the one the pair choice reads (see _view), its entries as
+        # floats, the cost of Token Recycling's anchor step and that step (None: no anchor)
+        self._curve: tuple = (None, None, [], None, None)  # see _view
+        self._fast: tuple = (None, None, None, None)  # (curve, choice, sizes, rows) of the last step
         self.cut_for: tuple[int, ...] = CUT_FOR
         self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
         self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
@@ -273,14 +277,16 @@ class HybridDrafter(Drafter):
         the latency curve), m from ATTACH_SLOTS (a layout costs its padded size, so the best m
         retrieval nodes by calibrated score fill it), or no attachment. On a bucketed curve a
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
-        curve = ctx.latency
         tr = self.tr
-        if curve is not self._curve[0]:  # Python floats: the pair table reads a dozen entries
-            a = tr.anchor(curve, ctx.budget) if tr.template.size > 0 else None
-            self._curve = (curve, curve.tolist(), None if a is None else float(curve[a + 1]), a)
-        sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1])) \
-            if tr.template.size > 0 else [0]
-        rows = self._pair_table(curve, sizes)
+        curve = self._view(ctx)
+        fast = self._fast
+        if fast[0] is curve and fast[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
+            sizes, rows = fast[2], fast[3]  # (nothing the options and the table rest on has moved)
+        else:
+            sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]), curve=curve) \
+                if tr.template.size > 0 else [0]
+            rows = self._pair_table(curve, sizes)
+            self._fast = (curve, tr._gain, sizes, rows)
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
@@ -340,6 +346,28 @@ class HybridDrafter(Drafter):
             m = max(x for x, c, _ in layouts if tree.size - 1 <= x <= ctx.budget - P and c <= cost)
         return self._assemble(base, m, tree)
 
+    def _view(self, ctx: DraftContext) -> np.ndarray:
+        """The latency curve the pair choice reads: the engine's, refreshed when it has moved
+        by CURVE_DRIFT at the plain step or the largest attached step since the last refresh.
+        (The engine's curve is a new array every 32 tokens of cache; the anchor, the plan
+        options and the pair table are rebuilt on a refresh, ~45 us of host time, where a
+        cache grown by a few dozen tokens moves every step's cost alike.)"""
+        curve = ctx.latency
+        view = self._curve
+        if curve is view[0]:
+            return view[1]
+        eff = view[1]
+        big = min(ATTACH_LIMIT, len(curve) - 1)
+        if (eff is not None and len(eff) == len(curve) and ctx.budget >= len(curve)
+                and abs(curve[1] - eff[1]) <= CURVE_DRIFT * eff[1] and abs(curve[big] - eff[big]) <= CURVE_DRIFT * eff[big]):
+            self._curve = (curve,) + view[1:]
+            return eff
+        tr = self.tr
+        a = tr.anchor(curve, ctx.budget) if tr.template.size > 0 else None
+        # (Python floats: the pair table reads a dozen entries)
+        self._curve = (curve, curve, curve.tolist(), None if a is None else float(curve[a + 1]), a)
+        return curve
+
     def _pair_table(self, curve, sizes: list[int]) -> list[tuple]:
         """Per plan size P of ``sizes``: (P, expected tokens of the plan alone, its rate, the
         plan's miss by depth (``plan_miss``), [(layout m, step cost, handicap)] for the layouts
@@ -349,7 +377,7 @@ class HybridDrafter(Drafter):
         got = self._table
         if got[0] is curve and got[1] is tr._gain and got[2] is sizes:
             return got[3]
-        cv, cap, anchor = self._curve[1:]
+        cv, cap, anchor = self._curve[2:]
         last = len(cv) - 1
 
         def handicap(cost):

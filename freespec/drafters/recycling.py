@@ -312,7 +312,7 @@ class TokenRecycling(Drafter):
             got = self._miss[size] = (1.0 - self.plan_reach(size)).tolist()
         return got
 
-    def plan_options(self, ctx: DraftContext, budget: int | None = None) -> list[int]:
+    def plan_options(self, ctx: DraftContext, budget: int | None = None, curve: np.ndarray | None = None) -> list[int]:
         """Plan sizes for a drafter that adds nodes of its own beside this tree and chooses the
         pair (hybrid): this drafter's own choice first (re-chosen every RECHOOSE steps), then
         the larger sizes that fill a step of the latency curve to its end (a bucketed curve:
@@ -324,9 +324,9 @@ class TokenRecycling(Drafter):
         own, weighed with the plan's reach by depth: ``hybrid.CUT_FOR``.) Take one with
         :meth:`plan_step`; a size below the current plan's is a cut of that plan."""
         budget = ctx.budget if budget is None else min(ctx.budget, budget)
-        own = self._next_plan(ctx, budget, count=False)
+        curve = ctx.latency if curve is None else curve
+        own = self._next_plan(ctx, budget, count=False, curve=curve)
         k = 0 if own is None else own[0].size - 1
-        curve = ctx.latency
         if curve is None or self._gain is None:
             return [k]
         c, key, opts = self._options
@@ -458,14 +458,16 @@ class TokenRecycling(Drafter):
             return None
         return Draft(tokens.index_select(0, plan[1]), plan[0])
 
-    def _next_plan(self, ctx: DraftContext, budget: int | None = None, count: bool = True):
+    def _next_plan(self, ctx: DraftContext, budget: int | None = None, count: bool = True, curve=None):
         """The node subset for this step (re-chosen every RECHOOSE steps); None = plain.
-        ``count``: this step takes it (else the caller picks with plan_step)."""
+        ``count``: this step takes it (else the caller picks with plan_step). ``curve``: the
+        latency curve to choose by (default ``ctx.latency``)."""
         budget = ctx.budget if budget is None else budget
+        curve = ctx.latency if curve is None else curve
         if self._since >= RECHOOSE or (self._plan is not None and self._plan[0].size - 1 > budget):
-            self.choose(ctx.latency, budget)
+            self.choose(curve, budget)
             self._since = 0
-        self._choice = None if ctx.latency is None else (ctx.latency, budget)
+        self._choice = None if curve is None else (curve, budget)
         plan = self._plan
         if count:
             self._since += 1
