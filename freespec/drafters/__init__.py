@@ -33,14 +33,14 @@ def default_drafter(device) -> str:
     """The drafter ``--drafter auto`` (the CLI's default) picks for a device, by measurement
     (docs/benchmarks.md, Spec-Bench, greedy, every drafter sized by the cost model):
 
-    * CUDA (H100, Qwen2.5-Coder-1.5B bf16, 20 questions per category, two sets): hybrid, whose
-      whole step (Token Recycling's tree filled on the device, the suffix-retrieval tree
-      attached beside it) runs as one CUDA graph replay: 2.62-2.70x over plain (MAT 3.7-3.9,
-      ninth session; 0.97-0.99 of hybrid over the fixed tr80 tree), against 2.27-2.44x for
+    * CUDA (H100, Qwen2.5-Coder-1.5B bf16, questions 1-40 and 41-80 of each category): hybrid,
+      whose whole step (Token Recycling's tree filled on the device, the suffix-retrieval tree
+      attached beside it) runs as one CUDA graph replay: 2.76-2.98x over plain (MAT 3.8-4.1,
+      tenth session; 0.99-1.00 of hybrid over the fixed tr80 tree), against 2.35-2.36x for
       Token Recycling alone with the same automatic tree, and 1.7x for lookup (earlier runs).
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
-      tree), 1.47-1.52x over plain in the runs since the fourth session (1.50x with the ninth
-      session's code; suffix alone 1.50-1.53x in the same runs), every category >= 1.34x;
+      tree), 1.47-1.52x over plain in the runs since the fourth session (1.49x with the tenth
+      session's code; suffix alone 1.50-1.53x in the same runs), every category >= 1.33x;
       Token Recycling alone 1.23x.
 
     The same drafter on both today; the device stays an argument because the answer is a
