@@ -520,7 +520,7 @@ def test_hybrid_leaves_the_anchor_step_only_for_a_clear_gain():
         h = _hybrid_with_gain(chain)
         tr = h.tr
         tr.plan_reach = lambda size: np.zeros(tr.shape.max_depth)  # the plan never reaches depth 1
-        h.sizer.scores = lambda tree, c=calibrated: np.full(tree.size - 1, c)
+        h.sizer.scores = lambda tree, c=calibrated: [c] * (tree.size - 1)
         assert h.device_step(ctx).shape.size == 1 + 63 + (32 if attached else 0)  # (padded: same step)
         assert h.used["attached"] == int(attached)
 

@@ -135,7 +135,6 @@ class HybridDrafter(Drafter):
         # the last latency curve, the one the pair choice reads (see _view), its entries as
         # floats, the cost of Token Recycling's anchor step and that step (None: no anchor)
         self._curve: tuple = (None, None, [], None, None)  # see _view
-        self._fast: tuple = (None, None, None, None)  # (curve, choice, sizes, rows) of the last step
         self.cut_for: tuple[int, ...] = CUT_FOR
         self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
         self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
@@ -279,14 +278,13 @@ class HybridDrafter(Drafter):
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
         tr = self.tr
         curve = self._view(ctx)
-        fast = self._fast
-        if fast[0] is curve and fast[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
-            sizes, rows = fast[2], fast[3]  # (nothing the options and the table rest on has moved)
+        last = self._table
+        if last[0] is curve and last[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
+            sizes, rows = last[2], last[3]  # (nothing the options and the table rest on has moved)
         else:
             sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]), curve=curve) \
                 if tr.template.size > 0 else [0]
             rows = self._pair_table(curve, sizes)
-            self._fast = (curve, tr._gain, sizes, rows)
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
