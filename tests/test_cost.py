@@ -688,6 +688,28 @@ def test_recycling_candidates_score_by_rank_gain():
     assert got[0] > 0.5 and want[-1] < 0.2
 
 
+def test_recycling_candidates_cached_per_choice_follow_the_tokens():
+    """The candidates' structure and scores are kept from one choice to the next; each step's
+    tree still carries that step's base tokens: equal to one built from scratch, step after
+    step, across a re-choice."""
+    tr = _recycling_learnt_on_a_cycle()
+    seq = list(range(20)) * 30
+    seen = set()
+    for i in range(300, 300 + 3 * 40, 3):  # past a re-choice (every RECHOOSE steps)
+        d = tr.propose(_ctx(seq[:i], flat().curve()))
+        got = tr.candidates(limit=30)
+        kept, tr._cand = tr._cand, None
+        fresh = tr.candidates(limit=30)
+        tr._cand = kept
+        assert (got.tokens, got.parents, got.scores) == (fresh.tokens, fresh.parents, fresh.scores)
+        assert got.tokens[0] == seq[i - 1]  # this step's root, not the cached step's
+        seen.add(id(tr._ranked))
+        logits = torch.zeros(d.size, 20)
+        logits[torch.arange(d.size), (d.tokens + 1) % 20] = 10.0
+        tr.observe(d, logits, seq[i : i + 3])
+    assert len(seen) >= 2  # a re-choice happened in between
+
+
 def test_deferred_learning_leaves_what_learning_at_once_leaves():
     """Device steps hand their learning back as deferred work (run while the next step
     computes, after that step's draft): Token Recycling's counts and the retrieval
