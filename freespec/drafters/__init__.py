@@ -41,7 +41,7 @@ def default_drafter(device) -> str:
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
       tree), 1.47-1.52x over plain on the first 5 questions per category in the runs since the
       fourth session (1.48-1.49x with the tenth session's code; suffix alone 1.50-1.53x in the
-      same runs), 1.44x on 10 per category (suffix alone 1.45x); Token Recycling alone 1.23x.
+      same runs), 1.44-1.45x on 10 per category (suffix alone 1.45x); Token Recycling alone 1.23x.
 
     The same drafter on both today; the device stays an argument because the answer is a
     measurement per device, not a constant.
