@@ -425,7 +425,7 @@ def calibration_key(model, backend) -> dict:
         "dtype": str(backend.dtype if hasattr(backend, "dtype") else model.dtype),
         "device": _device_name(backend.device),
         "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else "")
-        + ("+packed" if getattr(backend, "packed", False) else ""),
+        + (f"+packed:{getattr(backend, 'pack_kind', None)}" if getattr(backend, "packed", False) else ""),
         "torch": torch.__version__,
         "method": CALIBRATION_METHOD,
     }

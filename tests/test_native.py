@@ -250,34 +250,56 @@ def test_fusing_keeps_hf_model_and_second_backend(name):
 
 def test_cpu_weight_packing(monkeypatch):
     """On a CPU in fp32 trees of PACK_MIN_ROWS nodes or more run over prepacked weights (the
-    same logits as the plain layout); shorter ones keep the plain layout, exactly as before."""
+    same logits as the plain layout), in each packed layout this torch has (MKL's first);
+    shorter ones keep the plain layout, exactly as before."""
     import freespec.backends.native as native
 
     model = make("qwen2-gqa-bias-untied")
     packed = NativeBackend(model)
     if not packed.packed:
         pytest.skip(f"no weight packing here: {packed.pack_skip_reason}")
+    kinds = native._packing_kinds()
+    assert packed.pack_kind == kinds[0]
     plain = NativeBackend(model, pack_weights=False)
     assert not plain.packed and plain.pack_skip_reason == "pack_weights=False"
     calls = []
     real = native._packed_linear
     monkeypatch.setattr(native, "_packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     prefix = rand_ids(40, seed=8)
-    for tmpl in ("tr4", "tr16", "chain2"):
-        shape = shape_of(tmpl)
-        tokens = rand_ids(shape.size, seed=9)
-        outs = []
-        for be in (packed, plain):
-            be.reset()
-            be.prefill(prefix)
-            calls.clear()
-            outs.append(be.verify(Draft(tokens, shape)))
-            used = bool(calls)
-            assert used == (be is packed and shape.size >= native.PACK_MIN_ROWS), (tmpl, be.packed, calls)
-        if shape.size >= native.PACK_MIN_ROWS:
-            torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
-        else:
-            assert torch.equal(outs[0], outs[1])
+    for kind in kinds:
+        monkeypatch.setattr(native, "_packing_kinds", lambda kind=kind: [kind])
+        be_k = NativeBackend(model)
+        assert be_k.packed and be_k.pack_kind == kind
+        for tmpl in ("tr4", "tr16", "chain2"):
+            shape = shape_of(tmpl)
+            tokens = rand_ids(shape.size, seed=9)
+            outs = []
+            for be in (be_k, plain):
+                be.reset()
+                be.prefill(prefix)
+                calls.clear()
+                outs.append(be.verify(Draft(tokens, shape)))
+                used = bool(calls)
+                assert used == (be is be_k and shape.size >= native.PACK_MIN_ROWS), (kind, tmpl, calls)
+            if shape.size >= native.PACK_MIN_ROWS:
+                torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
+            else:
+                assert torch.equal(outs[0], outs[1])
+    # a layout whose product disagrees with F.linear is passed over for the next one
+    monkeypatch.setattr(native, "_packing_kinds", lambda: kinds)
+    wrong = kinds[0]
+    monkeypatch.setattr(native, "_packed_linear",
+                        lambda x, w, b: real(x, w, b) * (1.01 if packed_kind[0] == wrong else 1.0))
+    packed_kind = [None]
+    real_pack = native._pack
+    monkeypatch.setattr(native, "_pack", lambda w, kind: packed_kind.__setitem__(0, kind) or real_pack(w, kind))
+    fallback = NativeBackend(model)
+    if len(kinds) > 1:
+        assert fallback.packed and fallback.pack_kind == kinds[1]
+    else:
+        assert not fallback.packed and "disagrees" in fallback.pack_skip_reason
+    monkeypatch.setattr(native, "_packed_linear", real)
+    monkeypatch.setattr(native, "_pack", real_pack)
     half = NativeBackend(make("llama-gqa-tied").to(torch.bfloat16))
     assert not half.packed and "float32" in half.pack_skip_reason
     # a second copy of the weights must fit comfortably in memory (unless asked for)
