@@ -389,7 +389,8 @@ def path_outcome(tokens: Sequence[int], parents: Sequence[int], emitted: Sequenc
 # 2: trees shaped like real ones; whole device steps where the backend runs them.
 # 3: sizes interleaved (one step of each per round), 15 rounds on CUDA.
 # 4: 40 rounds on CUDA (CUDA_ROUNDS).
-CALIBRATION_METHOD = 4
+# 5: the greedy choice from the top-k pass on a CPU, as the engine takes it.
+CALIBRATION_METHOD = 5
 # Timed rounds per size on CUDA. The choice between the 64-, 96- and 128-node steps of an H100
 # rests on 3-4% differences; 15 rounds put them 1-1.5% off now and then (a 96/64 ratio of 1.045
 # in one run where steps measured 1.03-1.036, and 1.029-1.030 in two others), enough to move
@@ -489,9 +490,9 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
     acceptance could pay them): the curve ends there. The backend's cache is left empty.
     """
     from .drafters.base import DraftContext
-    from .drafters.recycling import TokenRecycling, top_k_ids
+    from .drafters.recycling import TokenRecycling
     from .tree import Draft, TreeShape
-    from .verify import greedy_verify
+    from .verify import greedy_verify, top_k_ids
 
     dev = backend.device
     auto_sizes, bucketed = _sizes_for(backend)
@@ -528,8 +529,8 @@ def calibrate(backend, sizes: Sequence[int] | None = None, cache_lens: Sequence[
 
         def step(draft=draft):
             logits = backend.verify(draft)
-            v = greedy_verify(draft, logits)
-            top_k_ids(logits, 8)  # what Token Recycling's update computes
+            top = top_k_ids(logits, 8)  # what Token Recycling's update reads (and, on a CPU, the greedy choice)
+            v = greedy_verify(draft, logits, top)
             v.n_accepted.item()
             backend.commit(v.path, 0)  # keep nothing: the cache stays at L
 

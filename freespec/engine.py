@@ -17,7 +17,15 @@ import torch
 from .backends.base import Backend
 from .drafters import Drafter, DraftContext, make_drafter
 from .tree import Draft, TreeShape
-from .verify import PositionNoise, SamplingParams, greedy_tokens, greedy_verify, sample_tokens, sample_verify
+from .verify import (
+    PositionNoise,
+    SamplingParams,
+    greedy_tokens,
+    greedy_verify,
+    sample_tokens,
+    sample_verify,
+    top_k_ids,
+)
 
 
 class EngineError(ValueError):
@@ -319,8 +327,12 @@ class Engine:
                 sync()
                 tb = clock()
                 logits = be.verify(draft)
+                top = None
                 if sampling.greedy:
-                    verdict = greedy_verify(draft, logits)
+                    k = getattr(drafter, "reads_top_k", 0)
+                    if k >= 2 and logits.device.type == "cpu":
+                        top = top_k_ids(logits, k)  # (the drafter's update reads the same ids)
+                    verdict = greedy_verify(draft, logits, top)
                 else:
                     pos = draft.shape.depth.to(dev) + len(out)  # the output position each node samples
                     rows = noise.take(pos, len(out) + draft.shape.max_depth)
@@ -331,7 +343,10 @@ class Engine:
                 new = host[1 : n_acc + 2]
                 be.commit(verdict.path, n_acc + 1)
                 if drafter is not None:
-                    drafter.observe(draft, logits, new)
+                    if top is None:
+                        drafter.observe(draft, logits, new)
+                    else:
+                        drafter.observe(draft, logits, new, top=top)
                 root = verdict.emitted[n_acc : n_acc + 1]
                 if on_device:
                     be.set_root(root)

@@ -132,9 +132,9 @@ def test_hybrid_updates_recycling_matrix_from_every_verified_node(target):
     seen = []
     orig = hy.tr.update
 
-    def spy(tokens, logits):
+    def spy(tokens, logits, top=None):  # (top: the engine's top-k pass, handed over on a CPU)
         seen.append((tokens.clone(), logits.clone()))
-        orig(tokens, logits)
+        orig(tokens, logits, top)
 
     hy.tr.update = spy
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]

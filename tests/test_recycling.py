@@ -62,7 +62,7 @@ def test_empty_template_means_plain_step():
 def test_top_k_ids_finds_the_top_k():
     """The two-pass top-k gives the same values as torch.topk (and valid indices), for
     vocabularies that divide into slices and ones with a short last slice, ties included."""
-    from freespec.drafters.recycling import CHUNK, top_k_ids
+    from freespec.verify import CHUNK, top_k_ids
 
     g = torch.Generator().manual_seed(0)
     for V in (CHUNK * 40, CHUNK * 40 + 37, 100):

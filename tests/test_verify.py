@@ -4,7 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freespec.tree import Draft, TreeShape
-from freespec.verify import SamplingError, SamplingParams, greedy_tokens, greedy_verify, walk
+from freespec.verify import (
+    SamplingError,
+    SamplingParams,
+    greedy_from_top,
+    greedy_tokens,
+    greedy_verify,
+    top_k_ids,
+    walk,
+)
 
 
 def _onehot_logits(targets, vocab=10):
@@ -67,3 +75,21 @@ def test_greedy_tokens_is_argmax_with_ties(rows, vocab, seed, levels):
     logits = torch.randint(0, levels, (rows, vocab), generator=g).float()
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
     assert torch.equal(greedy_tokens(logits.bfloat16()), logits.bfloat16().argmax(-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 1200), st.integers(0, 2**31 - 1), st.integers(1, 6))
+def test_greedy_from_the_top_k_is_argmax_with_ties(rows, vocab, seed, levels):
+    """The greedy choice taken from the drafter's top-k pass is argmax's, ties (first index)
+    and NaN rows included, and a whole verdict is the same as without the top-k."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, vocab), generator=g).float()
+    logits += torch.rand(rows, vocab, generator=g) * (seed % 2)  # half the cases: few ties
+    if seed % 5 == 0:
+        logits[0, seed % vocab] = float("nan")
+    k = min(8, vocab)
+    if k >= 2:
+        assert torch.equal(greedy_from_top(logits, top_k_ids(logits, k)), logits.argmax(-1))
+    draft = Draft(torch.randint(0, vocab, (rows,), generator=g), TreeShape.from_parents([-1] + [0] * (rows - 1), "cpu"))
+    a, b = greedy_verify(draft, logits), greedy_verify(draft, logits, top_k_ids(logits, k) if k >= 2 else None)
+    assert torch.equal(a.emitted, b.emitted) and torch.equal(a.path, b.path) and int(a.n_accepted) == int(b.n_accepted)

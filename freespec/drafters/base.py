@@ -36,13 +36,18 @@ class Drafter:
 
     wants_prompt_logits = False
     wants_latency = False  # True: size trees by the engine's latency curve (DraftContext.latency)
+    # k > 1: ``observe`` reads the top-k ids of every verified row (``verify.top_k_ids``): on the
+    # CPU the engine computes them once, takes its greedy choice from them and hands them over
+    # (``observe(..., top=ids)``)
+    reads_top_k = 0
 
     def propose(self, ctx: DraftContext) -> Draft | None:
         """A tree rooted at ``ctx.root`` or None for a plain one-token step."""
         return None
 
     def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:
-        """``logits`` [n, V] for every node of ``draft``; ``accepted`` = the tokens emitted this step."""
+        """``logits`` [n, V] for every node of ``draft``; ``accepted`` = the tokens emitted this step.
+        (A drafter with ``reads_top_k`` also takes ``top=``: the rows' top-k ids, or None.)"""
 
     def end(self, tokens: list[int]) -> None:
         """The request finished with these tokens (prompt + output)."""

@@ -177,6 +177,10 @@ class HybridDrafter(Drafter):
         return self.tr.auto
 
     @property
+    def reads_top_k(self) -> int:  # type: ignore[override]
+        return self.tr.k
+
+    @property
     def wants_latency(self) -> bool:  # type: ignore[override]
         return self.tr.auto
 
@@ -471,9 +475,9 @@ class HybridDrafter(Drafter):
             return a or b
         return lambda: (a(), b())
 
-    def observe(self, draft, logits: torch.Tensor, accepted: list[int]) -> None:
+    def observe(self, draft, logits: torch.Tensor, accepted: list[int], top: torch.Tensor | None = None) -> None:
         # every verified node's logits refresh its token's row, whoever drafted it
-        self.tr.update(draft.tokens, logits)
+        self.tr.update(draft.tokens, logits, top)
         self.tr.learn(accepted)
         self.sizer.learn(accepted)
         for t in self.tr_sizers:

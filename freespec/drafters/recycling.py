@@ -32,6 +32,7 @@ from ..backends.base import DeviceStep
 from ..backends.replay import Replay
 from ..cost import NodeStats, choose_size, order_nodes
 from ..tree import Draft, TreeShape, TreeTemplate, get_template, rank_prior
+from ..verify import top_k_ids
 from .base import DraftContext, Drafter
 from .merge import HostTree, _subset
 
@@ -166,6 +167,10 @@ class TokenRecycling(Drafter):
         self._miss: dict[int, list[float]] = {}  # plan_miss by plan size, at the last choice
         self._cand: tuple | None = None  # candidates(): (ranked, gain, parents, limit, nodes, tree parents, scores)
         self._filled = False  # a base tree was filled this step (its acceptance may be learnt)
+
+    @property
+    def reads_top_k(self) -> int:  # type: ignore[override]
+        return self.k
 
     @property
     def wants_latency(self) -> bool:  # type: ignore[override]
@@ -483,8 +488,8 @@ class TokenRecycling(Drafter):
             self.chosen_sizes[n] = self.chosen_sizes.get(n, 0) + 1
         return plan
 
-    def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.update(draft.tokens, logits)
+    def observe(self, draft: Draft, logits: torch.Tensor, accepted: list[int], top: torch.Tensor | None = None) -> None:
+        self.update(draft.tokens, logits, top)
         self.learn(accepted)
 
     def learn(self, accepted: list[int], defer: bool = False):
@@ -647,9 +652,10 @@ class TokenRecycling(Drafter):
     def _observe_update(self, tokens, logits, verdict) -> None:
         self.update(tokens, logits)
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Overwrite the rows of ``tokens`` with the top-k of their ``logits``."""
-        self.matrix[tokens] = top_k_ids(logits, self.k).to(torch.int32)
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, top: torch.Tensor | None = None) -> None:
+        """Overwrite the rows of ``tokens`` with the top-k of their ``logits`` (``top``: those
+        ids, already computed)."""
+        self.matrix[tokens] = (top_k_ids(logits, self.k) if top is None else top).to(torch.int32)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -686,36 +692,9 @@ class TokenRecycling(Drafter):
         self._since = RECHOOSE
 
 
-CHUNK = 128  # top_k_ids: vocabulary slice per first-pass maximum
-
-
 def _both(a, b):
     """One deferred callable running ``a`` then ``b``."""
     return lambda: (a(), b())
-
-
-def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest logits of each row [n, V], largest first: ``topk`` in two
-    cheap passes. The k slices of ``CHUNK`` logits with the largest maxima hold a top-k set
-    (were a top-k logit x in another slice, the k slices ahead of it would hold k maxima >= x,
-    and x would not be in the top k), so one max per slice, a top-k over the slice maxima, and
-    a top-k over the k gathered slices find it. Measured on an H100, [96, 151936] bf16:
-    ``topk`` alone 157 us, a radix select over the whole row. Ties may come out in another
-    order than ``topk``'s (which orders them arbitrarily too)."""
-    n, V = logits.shape
-    C = CHUNK
-    full = V // C
-    if full < 4 * k:  # a small vocabulary: one pass is cheap
-        return logits.topk(k, dim=-1).indices
-    main = logits[:, : full * C].view(n, full, C)
-    slices = main.amax(-1).topk(k, dim=-1).indices  # [n, k]
-    cand = main.gather(1, slices[:, :, None].expand(n, k, C)).view(n, k * C)
-    if full * C < V:  # the short last slice always competes
-        cand = torch.cat((cand, logits[:, full * C :]), dim=1)
-    j = cand.topk(k, dim=-1).indices  # [n, k] positions in cand
-    inside = j < k * C
-    ids = slices.gather(1, (j // C).clamp(max=k - 1)) * C + j % C
-    return torch.where(inside, ids, j - k * C + full * C)
 
 
 def default_template(device: torch.device | str) -> str:
