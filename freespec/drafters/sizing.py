@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from ..cost import ScoreCalibrator, choose_size, order_nodes, path_outcome
+from ..cost import ScoreCalibrator, choose_size, path_outcome
 from .merge import HostTree, _subset, to_draft
 
 
@@ -20,14 +20,16 @@ def size_tree(tree: HostTree, curve: np.ndarray, budget: int) -> HostTree | None
     """The best-paying cut of ``tree`` by its scores (acceptance probabilities); None = no draft."""
     if tree.size <= 1:
         return None
-    order = order_nodes(tree.scores, tree.parents)
-    scores = np.asarray(tree.scores, dtype=np.float64)[order]
-    k = choose_size(scores, curve, max_nodes=budget)
+    sc = tree.scores
+    # order_nodes' rule (score high to low, ties in index order) on Python lists: a tree has a
+    # few dozen nodes, and numpy's per-call cost exceeded the work (see choose_size)
+    order = sorted(range(1, tree.size), key=sc.__getitem__, reverse=True)
+    k = choose_size([sc[i] for i in order], curve, max_nodes=budget)
     if k == 0:
         return None
     if k >= tree.size - 1:
         return tree
-    return _subset(tree, sorted(int(i) for i in order[:k]))
+    return _subset(tree, sorted(order[:k]))
 
 
 class TreeSizer:
