@@ -113,6 +113,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 CHUNK = 128  # top_k_ids: vocabulary slice per first-pass maximum
 
+
 def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest logits of each row [n, V], largest first: ``topk`` in two
     cheap passes. The k slices of ``CHUNK`` logits with the largest maxima hold a top-k set

@@ -287,12 +287,11 @@ def test_cpu_weight_packing(monkeypatch):
                 assert torch.equal(outs[0], outs[1])
     # a layout whose product disagrees with F.linear is passed over for the next one
     monkeypatch.setattr(native, "_packing_kinds", lambda: kinds)
-    wrong = kinds[0]
-    monkeypatch.setattr(native, "_packed_linear",
-                        lambda x, w, b: real(x, w, b) * (1.01 if packed_kind[0] == wrong else 1.0))
-    packed_kind = [None]
+    wrong, packed_kind = kinds[0], [None]  # (the layout _pack made last)
     real_pack = native._pack
     monkeypatch.setattr(native, "_pack", lambda w, kind: packed_kind.__setitem__(0, kind) or real_pack(w, kind))
+    monkeypatch.setattr(native, "_packed_linear",
+                        lambda x, w, b: real(x, w, b) * (1.01 if packed_kind[0] == wrong else 1.0))
     fallback = NativeBackend(model)
     if len(kinds) > 1:
         assert fallback.packed and fallback.pack_kind == kinds[1]
