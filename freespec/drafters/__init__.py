@@ -39,9 +39,9 @@ def default_drafter(device) -> str:
       tenth session; 0.99-1.00 of hybrid over the fixed tr80 tree), against 2.35-2.36x for
       Token Recycling alone with the same automatic tree, and 1.7x for lookup (earlier runs).
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
-      tree), 1.47-1.52x over plain on the first 5 questions per category in the runs since the
-      fourth session (1.48-1.49x with the tenth session's code; suffix alone 1.50-1.53x in the
-      same runs), 1.44-1.45x on 10 per category (suffix alone 1.45x); Token Recycling alone 1.23x.
+      tree), 1.49-1.50x over plain on 10 questions per category with the twelfth session's code
+      (three runs; suffix alone 1.48x in the same runs), 1.52-1.62x on the first 5; Token
+      Recycling alone 1.23x (before the twelfth session's packed-weight change).
 
     The same drafter on both today; the device stays an argument because the answer is a
     measurement per device, not a constant.
