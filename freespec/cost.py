@@ -434,7 +434,8 @@ def calibration_key(model, backend) -> dict:
         "dtype": str(backend.dtype if hasattr(backend, "dtype") else model.dtype),
         "device": _device_name(backend.device),
         "backend": type(backend).__name__ + ("+graphs" if getattr(backend, "graphs", False) else "")
-        + (f"+packed:{getattr(backend, 'pack_kind', None)}" if getattr(backend, "packed", False) else ""),
+        + (f"+packed:{getattr(backend, 'pack_kind', None)}:{getattr(backend, 'pack_min_rows', None)}"
+           if getattr(backend, "packed", False) else ""),
         "torch": torch.__version__,
         "method": CALIBRATION_METHOD,
     }

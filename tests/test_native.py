@@ -248,10 +248,38 @@ def test_fusing_keeps_hf_model_and_second_backend(name):
     torch.testing.assert_close(outs[0], ref, atol=ATOL, rtol=1e-4)
 
 
+def _times(fast: str, one: float):
+    """Layout timings (``_layout_times``' form) where ``fast`` is the fastest packed layout at a
+    tree's rows, and ``one`` its one-row time against the plain layout's 1.0."""
+    import freespec.backends.native as native
+
+    few, tree = native.LAYOUT_ROWS
+    return lambda w, kinds: {**{(k, n): 2.0 for k in kinds for n in (few, tree)}, ("plain", few): 1.0,
+                             ("plain", tree): 3.0, (fast, few): one, (fast, tree): 1.5}
+
+
+def test_layout_choice_on_timings():
+    """The packed layout is the fastest at a tree's rows; it runs one-token steps too only where
+    it beats the plain layout there by LAYOUT_MARGIN."""
+    import freespec.backends.native as native
+
+    kinds = ["mkl", "onednn"]
+    for fast in kinds:
+        assert native._choose_layout(_times(fast, 0.5)(None, kinds), kinds) == (fast, 1)
+        assert native._choose_layout(_times(fast, 0.99)(None, kinds), kinds) == (fast, native.PACK_MIN_ROWS)
+        assert native._choose_layout(_times(fast, 1.2)(None, kinds), kinds) == (fast, native.PACK_MIN_ROWS)
+    # measured for real: every layout at every row count, positive times
+    w = torch.randn(64, 32)
+    got = native._layout_times(w, native._packing_kinds())
+    assert set(got) == {(k, n) for k in ["plain", *native._packing_kinds()] for n in native.LAYOUT_ROWS}
+    assert all(t > 0 for t in got.values())
+
+
 def test_cpu_weight_packing(monkeypatch):
-    """On a CPU in fp32 trees of PACK_MIN_ROWS nodes or more run over prepacked weights (the
-    same logits as the plain layout), in each packed layout this torch has (MKL's first);
-    shorter ones keep the plain layout, exactly as before."""
+    """On a CPU in fp32 trees of ``pack_min_rows`` nodes or more run over prepacked weights (the
+    same logits as the plain layout), in the packed layout the timings pick, each layout this
+    torch has; one-token steps too where the packed layout is the faster there; shorter trees
+    keep the plain layout, exactly as before."""
     import freespec.backends.native as native
 
     model = make("qwen2-gqa-bias-untied")
@@ -259,7 +287,8 @@ def test_cpu_weight_packing(monkeypatch):
     if not packed.packed:
         pytest.skip(f"no weight packing here: {packed.pack_skip_reason}")
     kinds = native._packing_kinds()
-    assert packed.pack_kind == kinds[0]
+    assert packed.pack_kind in kinds and packed.pack_min_rows in (1, native.PACK_MIN_ROWS)
+    assert set(packed.layout_times) == {f"{k}@{n}" for k in ["plain", *kinds] for n in native.LAYOUT_ROWS}
     plain = NativeBackend(model, pack_weights=False)
     assert not plain.packed and plain.pack_skip_reason == "pack_weights=False"
     calls = []
@@ -267,26 +296,28 @@ def test_cpu_weight_packing(monkeypatch):
     monkeypatch.setattr(native, "_packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     prefix = rand_ids(40, seed=8)
     for kind in kinds:
-        monkeypatch.setattr(native, "_packing_kinds", lambda kind=kind: [kind])
-        be_k = NativeBackend(model)
-        assert be_k.packed and be_k.pack_kind == kind
-        for tmpl in ("tr4", "tr16", "chain2"):
-            shape = shape_of(tmpl)
-            tokens = rand_ids(shape.size, seed=9)
-            outs = []
-            for be in (be_k, plain):
-                be.reset()
-                be.prefill(prefix)
-                calls.clear()
-                outs.append(be.verify(Draft(tokens, shape)))
-                used = bool(calls)
-                assert used == (be is be_k and shape.size >= native.PACK_MIN_ROWS), (kind, tmpl, calls)
-            if shape.size >= native.PACK_MIN_ROWS:
-                torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
-            else:
-                assert torch.equal(outs[0], outs[1])
+        for one, least in ((0.5, 1), (1.2, native.PACK_MIN_ROWS)):
+            monkeypatch.setattr(native, "_layout_times", _times(kind, one))
+            be_k = NativeBackend(model)
+            assert be_k.packed and be_k.pack_kind == kind and be_k.pack_min_rows == least
+            for tmpl in ("tr4", "tr16", "chain2", "chain0"):
+                shape = shape_of(tmpl)
+                tokens = rand_ids(shape.size, seed=9)
+                outs = []
+                for be in (be_k, plain):
+                    be.reset()
+                    be.prefill(prefix)
+                    calls.clear()
+                    outs.append(be.verify(Draft(tokens, shape)))
+                    used = bool(calls)
+                    assert used == (be is be_k and shape.size >= least), (kind, tmpl, calls)
+                if shape.size >= least:
+                    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
+                else:
+                    assert torch.equal(outs[0], outs[1])
     # a layout whose product disagrees with F.linear is passed over for the next one
     monkeypatch.setattr(native, "_packing_kinds", lambda: kinds)
+    monkeypatch.setattr(native, "_layout_times", _times(kinds[0], 1.2))
     wrong, packed_kind = kinds[0], [None]  # (the layout _pack made last)
     real_pack = native._pack
     monkeypatch.setattr(native, "_pack", lambda w, kind: packed_kind.__setitem__(0, kind) or real_pack(w, kind))

@@ -16,10 +16,11 @@ GEMM does each) with:
 * on CUDA, the per-layer work around attention (norms, projections, rope, residuals, SiLU)
   runs through torch.compile, which fuses its pointwise parts: about half the kernels of the
   eager layer, which is what a small model's decode step is bound by, even inside a graph;
-* on a CPU in float32, a second copy of the linear weights in MKL's (else oneDNN's) packed
-  layout for trees of ``PACK_MIN_ROWS`` or more nodes and for prefill (the plain layout's GEMM
-  repacks the weight at every call there); skipped where that copy would take more than a
-  quarter of the machine's memory.
+* on a CPU in float32, a second copy of the linear weights in a packed layout (MKL's or
+  oneDNN's, whichever runs faster here, timed when the backend is built) for trees of
+  ``PACK_MIN_ROWS`` or more nodes and for prefill (the plain layout's GEMM repacks the weight at
+  every call there), and for one-token steps too where it beats the plain layout at one row;
+  skipped where that copy would take more than a quarter of the machine's memory.
 
 Supported: ``llama`` (SmolLM2, Llama 2/3 incl. llama3 rope scaling), ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k head norms), ``mistral`` (within its sliding window). Anything else raises
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -239,15 +241,23 @@ class _Layer:
 # SmolLM2-135M's linear weights: with the plain layout a linear over 4-16 rows costs 1.8-2.8x one
 # row (from 4 rows on, the BLAS repacks the weight at every call, which on a memory-bound CPU
 # costs a second pass over it); prepacked, 1.1-1.6x. One to three rows are ~7% faster in the
-# plain layout, so those keep it: plain decoding runs as before, and a tree of 4+ nodes verifies
-# for much less. The price is a second copy of the weights in memory.
+# plain layout there. On a 2-core AMD EPYC (Zen 4) the ranking is another: MKL's products (the
+# plain layout's and MKL's packed one) run 2-4x slower than oneDNN's packed one at 2-8 rows (the
+# LM head at 4 rows: 17.7 / 13.7 / 3.6 ms), and at one row oneDNN's is the fastest too (4.6 ms
+# against the plain layout's 9.9). So the layout is chosen by timing, when the backend is built
+# (``_choose_layout``): the packed layout fastest at ``LAYOUT_ROWS[1]`` rows, used from one row on
+# where it beats the plain layout there as well, else from PACK_MIN_ROWS. The price is a second
+# copy of the weights in memory.
 PACK_MIN_ROWS = 4
-# The packed layout: MKL's (cblas_sgemm_pack, laid out for PACK_BATCH rows; a product of any row
-# count computes over it) where this torch has MKL, else oneDNN's blocked one. Whole verify steps,
-# the two side by side in one process (same machine and model, 256-token cache): MKL's 5-16% faster
-# at 4-64 rows (4 rows 33.2 vs 36.1 ms, 8 rows 39.4 vs 41.7, 32 rows 57.8 vs 65.1; oneDNN's
-# linear costs ~12 us more a call, 121 calls a step), and prefill 0-10% faster (a 750-token prompt
-# 614 vs 683 ms; laid out for 32 or 64 rows instead, MKL's prefill ran 2-8% slower than oneDNN's).
+# Rows the layouts are timed at: a one-token step, and a tree of the size a CPU verifies.
+LAYOUT_ROWS = (1, 8)
+# A packed layout takes one-token steps only where it is this much faster than the plain one.
+LAYOUT_MARGIN = 0.03
+# MKL's packed layout is laid out for PACK_BATCH rows (cblas_sgemm_pack; a product of any row
+# count computes over it). On the Xeon, whole verify steps, MKL's and oneDNN's side by side in
+# one process (256-token cache): MKL's 5-16% faster at 4-64 rows (4 rows 33.2 vs 36.1 ms, 8 rows
+# 39.4 vs 41.7, 32 rows 57.8 vs 65.1), and prefill 0-10% faster (a 750-token prompt 614 vs 683
+# ms; laid out for 32 or 64 rows instead, MKL's prefill ran 2-8% slower than oneDNN's).
 PACK_BATCH = 512
 
 
@@ -303,6 +313,44 @@ def _packed_linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
         # count (the op's fallback for another count is the plain layout's GEMM)
         return torch.ops.mkl._mkl_linear(x, w[0], w[1], b, x.shape[0])
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+LAYOUT_SAMPLE_BYTES = 64 << 20  # the weight timed (the LM head's first rows): memory-bound, as a step is
+
+
+def _layout_times(w: torch.Tensor, kinds: list[str]) -> dict[tuple[str, int], float]:
+    """Seconds for a product over ``w`` (the LM head, at most LAYOUT_SAMPLE_BYTES of its rows) in
+    each layout ('plain' and ``kinds``) at each of LAYOUT_ROWS rows: the median of 5 after a
+    warm-up. A few dozen products, ~0.1-0.3 s for a small model's head."""
+    rows_w = max(1, min(w.shape[0], LAYOUT_SAMPLE_BYTES // max(1, w.shape[1] * w.element_size())))
+    w = w.detach()[:rows_w].contiguous()
+    g = torch.Generator().manual_seed(0)
+    xs = {n: torch.randn(n, w.shape[1], dtype=w.dtype, generator=g) for n in LAYOUT_ROWS}
+    out: dict[tuple[str, int], float] = {}
+    with torch.no_grad():
+        for kind in ["plain", *kinds]:
+            pw = None if kind == "plain" else _pack(w, kind)
+            for n, x in xs.items():
+                f = (lambda x=x: F.linear(x, w)) if pw is None else (lambda x=x, pw=pw: _packed_linear(x, pw, None))
+                f()
+                ts = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    f()
+                    ts.append(time.perf_counter() - t)
+                out[(kind, n)] = sorted(ts)[2]
+            del pw
+    return out
+
+
+def _choose_layout(times: dict[tuple[str, int], float], kinds: list[str]) -> tuple[str, int]:
+    """(packed layout, fewest rows it runs) from :func:`_layout_times`: the layout fastest at a
+    tree's row count, from one row on where it is LAYOUT_MARGIN faster than the plain layout
+    there too, else from PACK_MIN_ROWS."""
+    few, tree = LAYOUT_ROWS
+    kind = min(kinds, key=lambda k: times[(k, tree)])  # (ties: the first, the order of _packing_kinds)
+    one = times[(kind, few)] < (1.0 - LAYOUT_MARGIN) * times[("plain", few)]
+    return kind, (1 if one else PACK_MIN_ROWS)
 
 
 _FUSED_RMS = hasattr(F, "rms_norm")  # one kernel on CUDA instead of five
@@ -567,10 +615,13 @@ class NativeBackend(Backend):
         self._pool = None
 
     def _init_packing(self, want: bool | None) -> None:
-        """Prepack the linear weights for trees of ``PACK_MIN_ROWS`` or more (CPU, float32; on by
-        default there). A snapshot: weights changed in place afterwards are not seen by it."""
+        """Prepack the linear weights in the fastest packed layout here, for trees of
+        ``pack_min_rows`` or more (CPU, float32; on by default there; see ``_choose_layout``). A
+        snapshot: weights changed in place afterwards are not seen by it."""
         self.packed = False
         self.pack_kind: str | None = None  # 'mkl' or 'onednn' when packed
+        self.pack_min_rows = PACK_MIN_ROWS  # fewest rows a product runs over the packed layout
+        self.layout_times: dict[str, float] = {}  # what the choice was made from ('kind@rows': s)
         self._head_packed = None
         if want is not None and not want:
             why = "pack_weights=False"
@@ -587,22 +638,28 @@ class NativeBackend(Backend):
                        f"{PACK_MEMORY_SHARE:.0%} of this machine's memory (pack_weights=True forces it)")
         if why is None:
             w0 = self._layers[0].wqkv
+            kinds = []
             for kind in _packing_kinds():
                 why = self._pack_check(kind, w0)
                 if why is None:
-                    try:
-                        with torch.no_grad():
-                            for layer in self._layers:
-                                layer.packed = tuple(_pack(t, kind) for t in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
-                            self._head_packed = _pack(self._head, kind)
-                    except RuntimeError as e:  # e.g. out of memory: stay on the plain layout
-                        why = f"weight packing failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                    kinds.append(kind)
+            if kinds:
+                why = None
+                times = _layout_times(self._head, kinds)
+                kind, self.pack_min_rows = _choose_layout(times, kinds)
+                self.layout_times = {f"{k}@{n}": t for (k, n), t in times.items()}
+                try:
+                    with torch.no_grad():
                         for layer in self._layers:
-                            layer.packed = None
-                        self._head_packed = None
-                        break
+                            layer.packed = tuple(_pack(t, kind) for t in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
+                        self._head_packed = _pack(self._head, kind)
+                except RuntimeError as e:  # e.g. out of memory: stay on the plain layout
+                    why = f"weight packing failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                    for layer in self._layers:
+                        layer.packed = None
+                    self._head_packed = None
+                else:
                     self.packed, self.pack_kind = True, kind
-                    break
         self.pack_skip_reason: str | None = why
         if why is not None and want:
             warnings.warn(f"{why}: linear layers use the plain weight layout", stacklevel=3)
@@ -616,7 +673,7 @@ class NativeBackend(Backend):
         try:
             with torch.no_grad():
                 pw = _pack(w, kind)
-                for rows in (PACK_MIN_ROWS, 7, PACK_BATCH + 1):
+                for rows in (1, PACK_MIN_ROWS, 7, PACK_BATCH + 1):
                     x = torch.randn(rows, w.shape[1], dtype=w.dtype, generator=g)
                     ref = F.linear(x, w)
                     if not torch.allclose(_packed_linear(x, pw, None), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
@@ -691,7 +748,7 @@ class NativeBackend(Backend):
         h = F.embedding(tokens, self._embed)
         delta = torch.zeros_like(h)  # the pending MLP output, added at the next norm
         kv = self.kv
-        packed = self.packed and n >= PACK_MIN_ROWS
+        packed = self.packed and n >= self.pack_min_rows
         lin = _packed_linear if packed else F.linear
         for li, w in enumerate(self._layers):
             wqkv, wo, wgu, wd = w.weights(packed)
@@ -705,7 +762,7 @@ class NativeBackend(Backend):
                 return None
             h, delta = h[n - keep :], delta[n - keep :]
         h = _rms(h + delta, self._norm, eps)
-        if packed and h.shape[0] >= PACK_MIN_ROWS:
+        if packed and h.shape[0] >= self.pack_min_rows:
             return _packed_linear(h, self._head_packed, self._head_bias)
         return F.linear(h, self._head, self._head_bias)
 
