@@ -289,6 +289,8 @@ def test_end_to_end_tiny(tiny, tmp_path):
               "command", "date"):
         assert k in env
     assert env["command"] == "test" and env["dtype"] == "float32"
+    lay = env["weight_layout"]  # the CPU's packed layout, with the timings that chose it (None: plain)
+    assert lay is None or (lay["kind"] in ("mkl", "onednn") and lay["min_rows"] >= 1 and lay["times_ms"])
     s = data["summary"]
     assert s["methods"] == METHODS and s["categories"] == ["multi", "single"]
     for m in METHODS:

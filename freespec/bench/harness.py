@@ -99,6 +99,10 @@ def environment(model, backend, command: str | None = None) -> dict:
         "dtype": str(getattr(backend, "dtype", model.dtype)).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "backend": type(backend).__name__,
+        # the CPU's packed weight layout (NativeBackend) and the timings it was chosen from
+        "weight_layout": ({"kind": backend.pack_kind, "min_rows": backend.pack_min_rows,
+                           "times_ms": {k: round(v * 1e3, 3) for k, v in getattr(backend, "layout_times", {}).items()}}
+                          if getattr(backend, "packed", False) else None),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "freespec": __version__,
