@@ -273,7 +273,8 @@ def _packing_unavailable(device: torch.device, dtype: torch.dtype) -> str | None
 
 
 def _packing_kinds() -> list[str]:
-    """The packed layouts this torch can run, best first: 'mkl', 'onednn'."""
+    """The packed layouts this torch can run: 'mkl', 'onednn' (in this order; which one runs is
+    timed, see ``_choose_layout``, and a tie goes to the first)."""
     kinds = []
     if torch.backends.mkldnn.is_available():
         mkl = torch.ops.mkl  # (MKL's packed weight is an mkldnn tensor)

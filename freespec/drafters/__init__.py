@@ -35,13 +35,14 @@ def default_drafter(device) -> str:
 
     * CUDA (H100, Qwen2.5-Coder-1.5B bf16, questions 1-40 and 41-80 of each category): hybrid,
       whose whole step (Token Recycling's tree filled on the device, the suffix-retrieval tree
-      attached beside it) runs as one CUDA graph replay: 2.76-2.98x over plain (MAT 3.8-4.1,
-      tenth session; 0.99-1.00 of hybrid over the fixed tr80 tree), against 2.35-2.36x for
-      Token Recycling alone with the same automatic tree, and 1.7x for lookup (earlier runs).
+      attached beside it) runs as one CUDA graph replay: 2.69-2.98x over plain (MAT 3.7-4.1,
+      tenth and thirteenth sessions; 0.98-1.00 of hybrid over the fixed tr80 tree), against
+      2.35-2.36x for Token Recycling alone with the same automatic tree, and 1.7x for lookup
+      (earlier runs).
     * CPU (2 cores, SmolLM2-135M fp32): hybrid (suffix retrieval merged with Token Recycling's
-      tree), 1.49-1.50x over plain on 10 questions per category with the twelfth session's code
-      (three runs; suffix alone 1.48x in the same runs), 1.52-1.62x on the first 5; Token
-      Recycling alone 1.23x (before the twelfth session's packed-weight change).
+      tree), 1.70-1.72x over plain on 10 questions per category on an AMD EPYC (thirteenth
+      session, two runs), against 1.58-1.61x for suffix alone and 1.42x for Token Recycling
+      alone in the same runs; 1.49-1.50x on the earlier Xeon.
 
     The same drafter on both today; the device stays an argument because the answer is a
     measurement per device, not a constant.
