@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from freespec.tree import TreeError, TreeShape, TreeTemplate, build_template, get_template, template_names
 
@@ -34,6 +36,25 @@ def test_mask_and_positions():
     ]
     assert bias.dtype == torch.float32 and bias.min() == torch.finfo(torch.float32).min
     assert s.position_ids(5).tolist() == [[5, 6, 6, 7]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10**6), max_size=60))
+def test_shape_from_parents_matches_a_walk_up(picks):
+    # any tree in topological order: node i's parent is one of the nodes before it
+    parents = [-1] + [r % i for i, r in enumerate(picks, start=1)]
+    s = TreeShape.from_parents(parents)
+    n = len(parents)
+    for i in range(n):
+        up = [i]
+        while parents[up[-1]] != -1:
+            up.append(parents[up[-1]])
+        path = up[::-1]
+        assert s.depth[i].item() == len(path) - 1
+        assert s.paths[i].tolist() == path + [0] * (s.max_depth + 1 - len(path))
+        assert s.ancestors[i].nonzero().view(-1).tolist() == sorted(path)
+    assert s.max_depth == max(s.depth.tolist()) and s.parents.tolist() == parents
+    assert s.ancestors.dtype == torch.bool and s.paths.dtype == s.depth.dtype == torch.long
 
 
 @pytest.mark.parametrize("parents", [[0], [-1, 1], [-1, 0, 3, 1], []])
