@@ -804,3 +804,37 @@ def test_hybrid_reads_the_latency_curve_again_when_it_has_moved(monkeypatch):
         h.device_step(DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=budget, latency=curve))
         assert h._curve[0] is curve
         assert h._curve[1] is (curve if read is None else read)
+
+
+def test_hybrid_prepares_the_next_step_while_a_step_runs(monkeypatch):
+    """A choice of Token Recycling's plan deferred to the window of the next device step is
+    followed there by the next step's plan options, pair table and plans, so the step after
+    finds them built (host work that would otherwise fall between two steps)."""
+    from freespec.drafters import recycling as R
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")
+    from freespec.drafters.hybrid import CUT_FOR
+
+    h = _hybrid_with_gain(HostTree.chain(5, list(range(10, 30)), [0.5] * 20))
+    h.cut_for = CUT_FOR
+    tr = h.tr
+    curve = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=4000, latency=curve)
+    h.device_step(ctx)
+    tr._since = R.RECHOOSE  # the plan is due to be chosen again
+    gain = tr._gain
+    later = h._learn([7, 8])
+    assert later is not None and tr._gain is gain  # the choice waits for the window
+    later()
+    table = h._table
+    assert tr._gain is not gain and table[1] is tr._gain and table[0] is h._curve[1]
+    sizes = {row[0] for row in table[3]}
+    assert sizes == {95, 95 - 8, 95 - 32}  # its own plan and its cuts to carry a retrieval tree
+    plans = {P: tr._sized_plan(P) for P in sizes}
+    assert all(plans[P] is tr._top[P] for P in sizes if P != len(tr._plan_key))
+    built = []
+    monkeypatch.setattr(h, "_pair_table", lambda *a: built.append(a))
+    monkeypatch.setattr(tr, "_plan_for", lambda *a: built.append(a))
+    ds = h.device_step(ctx)
+    assert not built and h._table is table
+    assert ds.shape.size - 1 in {P + m for P in sizes for m in (0, 8, 32)}

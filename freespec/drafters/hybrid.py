@@ -138,6 +138,7 @@ class HybridDrafter(Drafter):
         self.cut_for: tuple[int, ...] = CUT_FOR
         self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
         self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
+        self._ctx: DraftContext | None = None  # the last sized device step's context (see _prepare)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -282,13 +283,8 @@ class HybridDrafter(Drafter):
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
         tr = self.tr
         curve = self._view(ctx)
-        last = self._table
-        if last[0] is curve and last[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
-            sizes, rows = last[2], last[3]  # (nothing the options and the table rest on has moved)
-        else:
-            sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]), curve=curve) \
-                if tr.template.size > 0 else [0]
-            rows = self._pair_table(curve, sizes)
+        self._ctx = ctx
+        sizes, rows = self._options(ctx, curve)
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
@@ -347,6 +343,30 @@ class HybridDrafter(Drafter):
             cost = next(c for x, c, _ in layouts if x >= tree.size - 1)
             m = max(x for x, c, _ in layouts if tree.size - 1 <= x <= ctx.budget - P and c <= cost)
         return self._assemble(base, m, tree)
+
+    def _options(self, ctx: DraftContext, curve) -> tuple[list[int], list[tuple]]:
+        """Token Recycling's plan sizes and the pair table over them (see _pair_table), as at
+        the last step unless something they rest on has moved."""
+        tr = self.tr
+        last = self._table
+        if last[0] is curve and last[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
+            return last[2], last[3]
+        sizes = tr.plan_options(ctx, min(ctx.budget, ATTACH_LIMIT - 1 - ATTACH_SLOTS[-1]), curve=curve) \
+            if tr.template.size > 0 else [0]
+        return sizes, self._pair_table(curve, sizes)
+
+    def _prepare(self) -> None:
+        """After a new choice of Token Recycling's plan (deferred: while the next step runs on
+        the device), the next step's plan options, pair table and plans, from the last step's
+        context: ~0.35 ms of host work every RECHOOSE steps on the CPU (its host work a step
+        from it: ~10 us, an eighth of a device step's host work there) that the next step's
+        choice would otherwise do between steps. A context that has moved since (a refreshed
+        curve, a budget under ATTACH_LIMIT) rebuilds the table there as before."""
+        ctx, curve = self._ctx, self._curve[1]
+        if ctx is None or curve is None:
+            return
+        sizes, rows = self._options(ctx, curve)
+        self.tr.prepare(row[0] for row in rows)
 
     def _view(self, ctx: DraftContext) -> np.ndarray:
         """The latency curve the pair choice reads: the engine's, refreshed when it has moved
@@ -469,7 +489,7 @@ class HybridDrafter(Drafter):
         # (every step: learning from one in 4 made the map's memory 4x longer in steps, and on
         # the H100 hybrid fell from 2.79x to 2.33x, the calibration of one category lingering
         # into the next)
-        a = self.tr.learn(emitted, defer=True)
+        a = self.tr.learn(emitted, defer=True, then=self._prepare if self._ctx is not None else None)
         b = self.sizer.learn(emitted, defer=True)
         if a is None or b is None:
             return a or b

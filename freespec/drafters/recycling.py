@@ -126,8 +126,11 @@ class TokenRecycling(Drafter):
         self._depth_m1 = self.shape.depth - 1
         self._depth_idx = self._depth_m1.clamp(min=0)  # where the target's token for each node sits
         self._is_root = self._depth_m1 < 0
+        # plans: (shape, base node indices, serial), on the host (see _plan_for)
         self._plans: dict[tuple[int, ...], tuple[TreeShape, torch.Tensor, int]] = {}
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
+        self._dev_plan: tuple | None = None  # (serial, shape, node indices) of a plan on the device (propose)
+        self._stats_host: torch.Tensor | None = None  # pinned staging of _read_stats_later
         self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _plan_step)
         self._full_step: DeviceStep | None = None  # device step of a fixed template
         self._since = RECHOOSE  # steps since the last choice
@@ -190,6 +193,28 @@ class TokenRecycling(Drafter):
         st = self.stats
         st.fold_decay()
         return torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
+
+    def _read_stats_later(self):
+        """``_read_stats`` as a callable: on a GPU the copy is started now (into pinned memory,
+        behind the step just taken) and the callable waits for it, so a choice deferred to the
+        window of the next step does not sync between steps."""
+        if self.device.type != "cuda":
+            read = self._read_stats()
+            return lambda: read
+        st = self.stats
+        st.fold_decay()
+        stats = torch.cat((st.tries, st.hits, self._realized, self._realized_n))
+        host = self._stats_host
+        if host is None or host.shape != stats.shape or host.dtype != stats.dtype:
+            host = self._stats_host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+
+        def read():
+            ready.synchronize()
+            return host.numpy().astype(np.float64)
+        return read
 
     def choose(self, curve: np.ndarray | None, budget: int, read: np.ndarray | None = None) -> int:
         """Pick the node subset for the next steps; returns its size (0 = plain decoding).
@@ -254,14 +279,16 @@ class TokenRecycling(Drafter):
         return a if a - d >= 4 else None  # (a tie of a few sizes is measurement, not a step)
 
     def _plan_for(self, key: tuple[int, ...]):
-        """(shape, base node indices, serial) of the plan drafting base nodes ``key``."""
+        """(shape, base node indices, serial) of the plan drafting base nodes ``key``, on the
+        host: a plan is built while a step runs on the device (see ``prepare``), where a copy to
+        the device would wait for the step; device steps copy it into their buffers when they
+        take it (``_plan_step``), host steps through ``_device_plan``."""
         plan = self._plans.get(key)
         if plan is None:
             idx = [0, *key]
             where = {j: i for i, j in enumerate(idx)}
             par = [-1] + [where[int(self.stats.parents[j])] for j in key]
-            plan = (TreeShape.from_parents(par, self.device), torch.tensor(idx, dtype=torch.long, device=self.device),
-                    next(_SERIALS))
+            plan = (TreeShape.from_parents(par), torch.tensor(idx, dtype=torch.long), next(_SERIALS))
             if len(self._plans) > 512:
                 self._plans.clear()
             self._plans[key] = plan
@@ -357,8 +384,20 @@ class TokenRecycling(Drafter):
         if size == 0:
             return None
         self._filled = True
+        return self._plan_step(self._sized_plan(size))
+
+    def prepare(self, sizes) -> None:
+        """Build the plans of ``sizes`` (``plan_options``' sizes, or cuts of the current plan)
+        now, for :meth:`plan_step` to take: host work, for the window while a step runs on the
+        device (a new choice's plans, ~0.1 ms each on the CPU, were built at the next step)."""
+        for size in sizes:
+            if size > 0:
+                self._sized_plan(size)
+
+    def _sized_plan(self, size: int):
+        """The plan of the ``size`` best-ranked nodes (a cut of the current plan below its size)."""
         if self._plan_key is not None and size == len(self._plan_key):
-            return self._plan_step(self._plan)
+            return self._plan
         plan = self._top.get(size)
         if plan is None:
             cur = self._plan_key
@@ -375,7 +414,7 @@ class TokenRecycling(Drafter):
             else:
                 key = tuple(sorted(int(i) for i in self._ranked[1][:size]))
             plan = self._top[size] = self._plan_for(key)
-        return self._plan_step(plan)
+        return plan
 
     def laid_plan(self, shape: TreeShape) -> tuple[int, tuple[int, ...]]:
         """(version, structure) of what ``shape`` (a step's tree) holds now: a plan buffer
@@ -469,7 +508,17 @@ class TokenRecycling(Drafter):
             plan = self._next_plan(ctx)
         if plan is None:
             return None
-        return Draft(tokens.index_select(0, plan[1]), plan[0])
+        shape, idx = self._device_plan(plan)
+        return Draft(tokens.index_select(0, idx), shape)
+
+    def _device_plan(self, plan) -> tuple[TreeShape, torch.Tensor]:
+        """A plan's shape and node indices on the drafter's device (kept for the current plan)."""
+        if self.device.type == "cpu":
+            return plan[0], plan[1]
+        got = self._dev_plan
+        if got is None or got[0] != plan[2]:
+            got = self._dev_plan = (plan[2], plan[0].to(self.device), plan[1].to(self.device))
+        return got[1], got[2]
 
     def _next_plan(self, ctx: DraftContext, budget: int | None = None, count: bool = True, curve=None):
         """The node subset for this step (re-chosen every RECHOOSE steps); None = plain.
@@ -492,20 +541,26 @@ class TokenRecycling(Drafter):
         self.update(draft.tokens, logits, top)
         self.learn(accepted)
 
-    def learn(self, accepted: list[int], defer: bool = False):
+    def learn(self, accepted: list[int], defer: bool = False, then=None):
         """Acceptance statistics of every base node from the tokens this step emitted (see
         ``_learn_counts``). ``defer`` (device steps): when the plan is due to be re-chosen, the
         statistics are read back now (the device is idle between steps) and the choice is
         returned with the deferred work, to run while the next step computes: ~0.15 ms of host
         work every RECHOOSE steps (an H100 machine's host: ~3x that) off the steps' critical
-        path; the plan it picks drafts from the step after."""
+        path; the plan it picks drafts from the step after. ``then``: a callable to run after
+        such a deferred choice (a caller's own preparation for the new plan)."""
         later = self._learn_counts(accepted, defer)
         if defer and self.auto and self._since >= RECHOOSE and self._choice is not None:
-            read = self._read_stats()
+            read = self._read_stats_later()
             self._since = 0
-            choice = functools.partial(self.choose, *self._choice, read=read)
+            choice = functools.partial(self._choose_read, *self._choice, read)
+            if then is not None:
+                choice = _both(choice, then)
             later = choice if later is None else _both(later, choice)
         return later
+
+    def _choose_read(self, curve, budget: int, read) -> int:
+        return self.choose(curve, budget, read=read())
 
     def _learn_counts(self, accepted: list[int], defer: bool = False):
         """Acceptance statistics of every base node from the tokens this step emitted (host
@@ -625,20 +680,22 @@ class TokenRecycling(Drafter):
         got = self._by_size.get(n)
         if got is None:
             D = self.shape.max_depth  # the base template's depth bounds every plan's
-            paths = torch.zeros(n, D + 1, dtype=torch.long, device=self.device)
-            buf = TreeShape(parents=shape.parents.clone(), depth=shape.depth.clone(),
-                            ancestors=shape.ancestors.clone(), paths=paths, max_depth=D,
+            dev = self.device
+            paths = torch.zeros(n, D + 1, dtype=torch.long, device=dev)
+            paths[:, : shape.max_depth + 1].copy_(shape.paths)
+            buf = TreeShape(parents=shape.parents.to(dev, copy=True), depth=shape.depth.to(dev, copy=True),
+                            ancestors=shape.ancestors.to(dev, copy=True), paths=paths, max_depth=D,
                             parents_list=shape.parents_list)  # (parents_list: the first plan's)
-            bidx = idx.clone()
+            bidx = idx.to(dev, copy=True)
 
             def fill(root, bidx=bidx):
                 return self.fill(root).index_select(0, bidx)
 
             ds = DeviceStep((self._serial, "auto", n, next(_SERIALS)), buf, fill, self._observe_update,
                             done=self._done)
-            got = self._by_size[n] = [buf, bidx, None, ds, None]
+            got = self._by_size[n] = [buf, bidx, serial, ds, shape.parents_list]
         buf, bidx, current, ds, _ = got
-        if current != serial:  # rewrite in place (device-to-device copies, no sync)
+        if current != serial:  # rewrite in place (host-to-device copies, between steps)
             buf.parents.copy_(shape.parents)
             buf.depth.copy_(shape.depth)
             buf.ancestors.copy_(shape.ancestors)
