@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from operator import mul
+from itertools import islice
+from operator import ge, mul
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ ATTACH_LIMIT = 128
 CUT_FOR = (8, 32)
 # The pair choice re-reads the engine's latency curve when it has moved this much (see _view).
 CURVE_DRIFT = 0.02
+_CHAIN = [-1, *range(ATTACH_LIMIT)]  # a chain's parents (sliced to its size)
 
 
 class HybridDrafter(Drafter):
@@ -139,6 +141,8 @@ class HybridDrafter(Drafter):
         self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
         self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
         self._ctx: DraftContext | None = None  # the last sized device step's context (see _prepare)
+        # (the engine's curve, Token Recycling's choice, pair table, smallest plan) at the last step
+        self._last: tuple = (None, None, [], 0)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -282,10 +286,15 @@ class HybridDrafter(Drafter):
         retrieval nodes by calibrated score fill it), or no attachment. On a bucketed curve a
         plan alone may fill the bucket that the plan plus an attached tree would pay."""
         tr = self.tr
-        curve = self._view(ctx)
         self._ctx = ctx
-        sizes, rows = self._options(ctx, curve)
-        r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - min(sizes) >= ATTACH_SLOTS[0] else None
+        last = self._last
+        if last[0] is ctx.latency and last[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
+            rows, low = last[2], last[3]  # (the engine's curve as at the last step: see _view, _options)
+        else:
+            sizes, rows = self._options(ctx, self._view(ctx))
+            low = min(sizes)
+            self._last = (ctx.latency, tr._gain, rows, low)
+        r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - low >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
             # steps, trees whose calibrated nodes summed to under 1 token brought 0.05-0.14
@@ -297,16 +306,21 @@ class HybridDrafter(Drafter):
             # (Python lists: a tree has at most a few dozen nodes, and numpy's per-call cost
             # on the GPU machine's host exceeded the work)
             sl = self.sizer.scores(r.tree)  # calibrated; the sizer learns from this tree at done()
-            order = sorted(range(len(sl)), key=sl.__getitem__, reverse=True)  # stable: parents first
-            dep = r.tree.depth()
-            s_o = [sl[i] for i in order]
-            d_o = [dep[i + 1] - 1 for i in order]  # depth - 1, best first
-            n = len(s_o)
-        best, pick = -1.0, (sizes[0], 0)
+            n = len(sl)
+            par = r.tree.parents
+            if all(map(ge, sl, islice(sl, 1, None))):  # best first already (a chain, mostly)
+                order, s_o = range(n), sl
+                d_o = range(n) if par == _CHAIN[: n + 1] else [d - 1 for d in islice(r.tree.depth(), 1, None)]
+            else:
+                order = sorted(range(n), key=sl.__getitem__, reverse=True)  # stable: parents first
+                dep = r.tree.depth()
+                s_o = [sl[i] for i in order]
+                d_o = [dep[i + 1] - 1 for i in order]  # depth - 1, best first
+        best, pick = -1.0, (rows[0][0], 0, rows[0][4])
         load = self._load_cost
         for P, g, rate, miss, layouts in rows:
             if rate > best:
-                best, pick = rate, (P, 0)
+                best, pick = rate, (P, 0, layouts)
             if s_o is None:
                 continue
             room = ctx.budget - P
@@ -326,8 +340,8 @@ class HybridDrafter(Drafter):
                     k = m
                 rate = (g + a) / (c + load) / h
                 if rate > best:
-                    best, pick = rate, (P, m)
-        P, m = pick
+                    best, pick = rate, (P, m, layouts)
+        P, m, layouts = pick
         base = tr.plan_step(P)
         if base is None and tr.template.size > 0:
             tr.filled()  # a plain step fills the base tree all the same (see fill_plain)
@@ -339,7 +353,6 @@ class HybridDrafter(Drafter):
             # the largest layout that costs what the smallest that fits costs (on a bucketed
             # curve the step is padded to its bucket anyway): fewer layouts per plan, so fewer
             # CUDA graph captures per KV extent (63 + 8 and 63 + 32 nodes both pay for 96)
-            layouts = next(row[4] for row in rows if row[0] == P)
             cost = next(c for x, c, _ in layouts if x >= tree.size - 1)
             m = max(x for x, c, _ in layouts if tree.size - 1 <= x <= ctx.budget - P and c <= cost)
         return self._assemble(base, m, tree)
