@@ -1,6 +1,7 @@
 """Offline replay of Token Recycling's node choice (freespec.bench.replay)."""
 
 import numpy as np
+import pytest
 import torch
 
 from freespec.bench import replay
@@ -56,3 +57,49 @@ def test_replay_policies():
     # the hindsight ranking is learnt from these very steps: the best of the fixed choices
     text = replay.report(rec, sizes=(80,), strengths=(4.0,))
     assert "tr80" in text and text.count("\n80 | ") == 1
+
+
+def _stepped_curve():
+    """A GPU-like bucketed curve: 64 nodes cost what one does, 96 cost 2% more, 128 5% more."""
+    from freespec.cost import LatencyModel
+
+    sizes = [1, 2, 4, 8, 16, 32, 64, 96, 128, 256]
+    ms = [1.0] * 7 + [1.02, 1.05, 2.0]
+    return LatencyModel(sizes, [0], [[t / 1e3 for t in ms]], bucketed=True)
+
+
+def test_host_replay_decodes_the_recording_again(tmp_path, capsys):
+    """The host replay of device steps (freespec.bench.hostreplay) walks each drafter's trees
+    against the recorded output: every method emits the whole output again, a fixed tree drafts
+    its size at every step, and with the GPU's fixed tree (tr80) as the anchor the automatic
+    tree fills tr80's step (95 nodes in the 96-node bucket), as on an H100, where the CPU's own
+    fixed tree (no anchor) leaves it free; the CLI prints the comparison."""
+    import json
+
+    from freespec.bench import hostreplay
+
+    rec = _recording()
+    emitted = sum(len(r["tokens"]) - r["prompt_len"] - 1 for r in rec["runs"])  # (the first: prefill's)
+    lat = _stepped_curve()
+    tr8 = hostreplay.replay_host(rec, lat, "recycling:tr8")
+    assert tr8["draft_nodes"] == {8: tr8["steps"]}
+    assert tr8["steps"] * tr8["tokens_per_step"] == pytest.approx(emitted)
+    gpu = hostreplay.replay_host(rec, lat, "hybrid", fixed="tr80")
+    cpu = hostreplay.replay_host(rec, lat, "hybrid", fixed=None)
+    for r in (gpu, cpu):
+        assert r["steps"] * r["tokens_per_step"] == pytest.approx(emitted)
+        assert r["draft_us"] > 0 and r["done_us"] > 0
+    assert set(gpu["draft_nodes"]) == {95}
+    assert set(cpu["draft_nodes"]) != {95}
+
+    path, curve = tmp_path / "rec.pt", tmp_path / "results.json"
+    torch.save(rec, path)
+    curve.write_text(json.dumps({"latency_curve": lat.to_dict()}))
+    assert hostreplay.main([str(path), "--curve", str(curve), "--methods", "recycling:tr8,hybrid", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| recycling:tr8 |" in out and "| hybrid |" in out
+    curve.write_text(json.dumps({"latency_curve": None}))
+    assert hostreplay.main([str(path), "--curve", str(curve)]) == 2
+    assert "no latency curve" in capsys.readouterr().err
+    assert hostreplay.main([str(path), "--curve", str(tmp_path / "missing.json")]) == 2
+    assert hostreplay.main([str(path), "--curve", str(tmp_path / "rec.pt"), "--methods", "suffix"]) == 2

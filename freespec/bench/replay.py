@@ -52,10 +52,12 @@ def record(engine, prompts: list[tuple[str, list[int]]], max_new_tokens: int, lo
     for cat, ids in prompts:
         rec.steps = []
         r = engine.generate(ids, max_new_tokens)
-        runs.append({"category": cat, "tokens": list(ids) + list(r.tokens), "steps": rec.steps})
+        runs.append({"category": cat, "tokens": list(ids) + list(r.tokens), "prompt_len": len(ids),
+                     "steps": rec.steps})
         if log is not None:
             print(f"{cat}: {r.stats.steps} steps, {len(r.tokens)} tokens", file=log, flush=True)
-    return {"format": "freespec-replay-1", "template": AUTO_BASE, "runs": runs}
+    # (the matrix as the last prompt left it: a warm start for ``hostreplay``)
+    return {"format": "freespec-replay-1", "template": AUTO_BASE, "runs": runs, "matrix": rec.matrix.cpu().clone()}
 
 
 class Base:

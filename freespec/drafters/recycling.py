@@ -91,6 +91,9 @@ class TokenRecycling(Drafter):
         self.k = min(int(k), self.vocab_size)
         self.device = torch.device(device)
         self.seed_from_prompt = seed_from_prompt
+        # the device's fixed tree: the size taken without a latency curve, and the reference of
+        # the anchor on a stepped one (an offline replay of a GPU's steps on the CPU sets tr80)
+        self.fixed = default_template(self.device)
         self.matrix = torch.zeros(self.vocab_size, self.k, dtype=torch.int32, device=self.device)
         self.set_template(template)
 
@@ -201,7 +204,7 @@ class TokenRecycling(Drafter):
         ``read``: the statistics as ``_read_stats`` returned them (else read now)."""
         n_base = self.template.size
         if curve is None:  # no latency curve: the device's fixed default, cut from the base
-            k = min(get_template(default_template(self.device)).size, n_base, budget)
+            k = min(get_template(self.fixed).size, n_base, budget)
             order = np.arange(1, k + 1)
         else:
             st = self.stats
@@ -250,7 +253,7 @@ class TokenRecycling(Drafter):
         """Where the latency curve is stepped (CUDA graphs of a few tree sizes): the plan size
         that fills the step holding the device's fixed tree (tr80: 95 nodes in the 96-node step);
         None where the curve rises node by node there (a CPU)."""
-        d = min(get_template(default_template(self.device)).size, limit)
+        d = min(get_template(self.fixed).size, limit)
         if d <= 0 or d + 2 >= len(curve):
             return None
         a = d
