@@ -371,10 +371,10 @@ class HybridDrafter(Drafter):
     def _prepare(self) -> None:
         """After a new choice of Token Recycling's plan (deferred: while the next step runs on
         the device), the next step's plan options, pair table and plans, from the last step's
-        context: ~0.35 ms of host work every RECHOOSE steps on the CPU (its host work a step
-        from it: ~10 us, an eighth of a device step's host work there) that the next step's
-        choice would otherwise do between steps. A context that has moved since (a refreshed
-        curve, a budget under ATTACH_LIMIT) rebuilds the table there as before."""
+        context: host work the next step's choice would otherwise do between steps (in a local
+        replay of device steps, ~4 us a step of ~55, spent at one step in RECHOOSE). A context
+        that has moved since (a refreshed curve, a budget under ATTACH_LIMIT) rebuilds the
+        table there as before."""
         ctx, curve = self._ctx, self._curve[1]
         if ctx is None or curve is None:
             return
