@@ -98,8 +98,12 @@ def test_host_replay_decodes_the_recording_again(tmp_path, capsys):
     assert hostreplay.main([str(path), "--curve", str(curve), "--methods", "recycling:tr8,hybrid", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "| recycling:tr8 |" in out and "| hybrid |" in out
-    curve.write_text(json.dumps({"latency_curve": None}))
-    assert hostreplay.main([str(path), "--curve", str(curve)]) == 2
-    assert "no latency curve" in capsys.readouterr().err
+    assert hostreplay.main([str(path), "--curve", str(curve), "--methods", "suffix"]) == 2
+    assert "device steps" in capsys.readouterr().err  # (suffix decoding drafts on the host only)
+    for bad, why in (({"latency_curve": None}, "no latency curve"), ({"format": "x"}, "not a latency curve")):
+        curve.write_text(json.dumps(bad))
+        assert hostreplay.main([str(path), "--curve", str(curve)]) == 2
+        assert why in capsys.readouterr().err
     assert hostreplay.main([str(path), "--curve", str(tmp_path / "missing.json")]) == 2
-    assert hostreplay.main([str(path), "--curve", str(tmp_path / "rec.pt"), "--methods", "suffix"]) == 2
+    assert hostreplay.main([str(path), "--curve", str(path)]) == 2  # (a recording, not JSON)
+    assert "not a JSON" in capsys.readouterr().err
