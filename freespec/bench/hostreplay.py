@@ -29,32 +29,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
-
 import torch
 
-from ..cost import LatencyModel
+from ..cost import LatencyModel, accepted_nodes
 from ..drafters import DraftContext, make_drafter
 from .methods import BenchError, parse_method
 
 # The H100 machine's host work a step besides the drafter's (the engine's loop), added to the
 # curve as the engine adds its measured host overhead.
 HOST_S = 0.35e-3
-
-
-def _walk(parents: list[int], tokens: list[int], target: Sequence[int]) -> int:
-    """Tokens of ``target`` the tree accepts greedily from its root (node 0)."""
-    kids = collections.defaultdict(list)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            kids[p].append(i)
-    cur, n = 0, 0
-    while n < len(target):
-        nxt = next((c for c in kids[cur] if tokens[c] == target[n]), None)
-        if nxt is None:
-            break
-        cur, n = nxt, n + 1
-    return n
 
 
 def _drafter(method: str, vocab_size: int, matrix: torch.Tensor | None, fixed: str | None):
@@ -115,7 +98,9 @@ def replay_host(recording: dict, latency: LatencyModel, method: str, fixed: str 
                 n, size = 0, 0
             else:
                 drafted = ds.fill(torch.tensor([seq[-1]])).tolist()
-                n, size = _walk(ds.shape.parents.tolist(), drafted, out[pos:]), ds.shape.size - 1
+                ok = accepted_nodes(drafted, ds.shape.parents.tolist(), out[pos:])
+                # (the deepest node on the path: a padded layout repeats its last node)
+                n, size = int(ds.shape.depth[torch.from_numpy(ok)].max()), ds.shape.size - 1
             new = out[pos : pos + n + 1]
             t3 = clock()
             later = ds.done(new) if ds is not None and ds.done is not None else None
