@@ -838,3 +838,95 @@ def test_hybrid_prepares_the_next_step_while_a_step_runs(monkeypatch):
     ds = h.device_step(ctx)
     assert not built and h._table is table
     assert ds.shape.size - 1 in {P + m for P in sizes for m in (0, 8, 32)}
+
+
+def _anchored(monkeypatch, tree, ruled: bool):
+    """Hybrid (auto) on an H100-like stepped curve with tr80 as the fixed tree (anchor 95), the
+    cuts 87 + 8 and 63 + 32 allowed, offering ``tree`` (None: no match); ``ruled``: with the
+    anchor's rule (else the full pair choice)."""
+    from freespec.drafters import recycling as R
+    from freespec.drafters.hybrid import CUT_FOR
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")  # (a GPU's fixed tree)
+    h = _hybrid_with_gain(HostTree.chain(5, [10], [0.9]))
+    h.cut_for = CUT_FOR
+    h.retriever.r = None if tree is None else _FixedRetrieval(tree).r
+    if not ruled:
+        h._anchor_rule = lambda rows, sizes: None
+    return h
+
+
+def _bushy(n: int) -> HostTree:
+    """A retrieval tree of ``n`` nodes: a chain with a side branch at every node, scores falling."""
+    parents, scores = [-1], [1.0]
+    for i in range(1, n + 1):
+        parents.append(max(0, i - 2) if i % 2 == 0 else i - 1)
+        scores.append(0.95**i)
+    return HostTree(list(range(100, 100 + n + 1)), parents, scores)
+
+
+@pytest.mark.parametrize("tree", [None, HostTree.chain(5, [10, 11, 12], [0.9] * 3),
+                                  HostTree.chain(5, list(range(10, 18)), [0.8] * 8),
+                                  HostTree.chain(5, list(range(10, 30)), [0.5] * 20), _bushy(40)],
+                         ids=["none", "chain3", "chain8", "chain20", "bushy40"])
+def test_hybrid_anchor_rule_takes_the_pair_choices_pair(monkeypatch, tree):
+    """Where Token Recycling holds its anchor (95 nodes in an H100's 96-node step) and the plan
+    nodes a retrieval tree would displace are worth little, the pair choice is a rule: the
+    anchor plan alone, or the tree in the smallest layout that holds it beside the plan cut by
+    that layout. It takes the full choice's pair, loads the same nodes, and leaves the
+    calibration of retrieval scores alone (nothing to learn from: it read none)."""
+    curve = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=4000, latency=curve)
+    got = {}
+    for ruled in (True, False):
+        h = _anchored(monkeypatch, tree, ruled)
+        h.tr.plan_reach = lambda size, tr=h.tr: np.zeros(tr.shape.max_depth)  # (attaching pays)
+        ds = h.device_step(ctx)
+        loaded = None
+        if h.used["attached"]:
+            buf = next(v[0] for k, v in h._steps.items() if k[1] and v[1] is ds)
+            loaded = buf.tokens.tolist()[: buf.loaded]
+        got[ruled] = (dict(h.tr.chosen_sizes), ds.shape.size, loaded)
+        assert h.ruled == int(ruled)
+        assert (h.sizer._last is None) is (ruled or tree is None)
+    assert got[True] == got[False]
+    P = next(iter(got[True][0]))
+    assert got[True][1] == 96 and P == {None: 95, 3: 87, 8: 87, 20: 63, 40: 63}[None if tree is None else tree.size - 1]
+
+
+def test_hybrid_anchor_rule_stays_out_where_displaced_plan_nodes_are_worth_much(monkeypatch):
+    """The rule needs the plan's lowest-ranked nodes to be worth little against what a strong
+    retrieval tree promises: with Token Recycling's gain still rising steeply between 63 and 95
+    nodes (0.02 tokens a node), the full pair choice runs."""
+    curve = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=4000, latency=curve)
+    k = np.arange(161)
+    for real, ruled in ((2.0 * (1.0 - np.exp(-k / 20.0)), True), (0.02 * np.minimum(k, 95), False)):
+        h = _anchored(monkeypatch, HostTree.chain(5, [10, 11, 12], [0.9] * 3), True)
+        h.tr._realized.copy_(torch.tensor(real * 1e4, dtype=torch.float32))
+        h.device_step(ctx)
+        rows = {row[0]: row[1] for row in h._table[3]}
+        assert h._table[2][0] == 95  # Token Recycling's own choice: the anchor, either way
+        assert (rows[95] - rows[63] <= 0.2) is ruled
+        assert h.ruled == int(ruled)
+
+
+def test_recycling_plan_step_follows_a_new_choice(monkeypatch):
+    """A plan size's device step is kept between choices; a new choice that moves the plan to
+    other nodes of the same size lays them into its buffer when the step is next taken."""
+    from freespec.drafters import recycling as R
+
+    monkeypatch.setattr(R, "default_template", lambda device: "tr80")
+    tr = _hybrid_with_gain(HostTree.chain(5, [10], [0.5])).tr
+    curve = _stepped(((64, 1.0), (96, 1.04), (128, 1.08), (256, 2.0))).curve()
+    assert tr.choose(curve, 200) == 95
+    ds = tr.plan_step(95)
+    assert tr.plan_step(95) is ds
+    j = int(tr._ranked[1][120])  # a node outside the plan becomes a sure one ...
+    tr.stats.tries[j] += 1e4
+    tr.stats.hits[j] += 1e4
+    tr._plan_key = None  # ... and the plan is chosen afresh (no hysteresis)
+    assert tr.choose(curve, 200) == 95
+    assert tr.plan_step(95) is ds
+    laid = tr._by_size[96][1].tolist()
+    assert j in laid and laid == [0, *tr._plan_key]

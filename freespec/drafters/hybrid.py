@@ -30,7 +30,10 @@ whole) and padded to 8 or 32 nodes, the larger where both pay for the same bucke
 (plan, attached tree) whose step costs more than Token Recycling's anchor step (see
 ``TokenRecycling.anchor``) must be predicted ``ANCHOR_MARGIN`` faster; the plan cut by a
 layout (``CUT_FOR``: 87 + 8 and 63 + 32 in an H100's 96-node step) is weighed too, so a
-retrieval tree need not pay for the next step.
+retrieval tree need not pay for the next step. Where the plan holds its anchor and the nodes a
+retrieval tree would displace are worth little, the pair choice reduces to a rule (a strong tree
+in the smallest layout that holds it, beside the plan cut by that layout), taken without
+weighing (``HybridDrafter._anchor_rule``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ ATTACH_LIMIT = 128
 CUT_FOR = (8, 32)
 # The pair choice re-reads the engine's latency curve when it has moved this much (see _view).
 CURVE_DRIFT = 0.02
+# The anchor's pair choice becomes a rule (see HybridDrafter._anchor_rule) where the plan nodes a
+# retrieval tree displaces, plus the time of loading it, are worth at most this fraction of the
+# least a strong tree promises (min_score).
+RULE_DISPLACED = 0.2
 _CHAIN = [-1, *range(ATTACH_LIMIT)]  # a chain's parents (sliced to its size)
 
 
@@ -123,6 +130,7 @@ class HybridDrafter(Drafter):
         self.max_nodes = None if max_nodes is None else int(max_nodes)
         self.device = torch.device(device)
         self.used = {"recycling": 0, "retrieval": 0, "merged": 0, "attached": 0, "none": 0}  # steps per source
+        self.ruled = 0  # device steps whose pair the anchor's rule chose (see _anchor_rule)
         self.sizer = TreeSizer()
         # Token Recycling's node scores on host steps with / without a retrieval tree
         self.tr_sizers = (TreeSizer(), TreeSizer())
@@ -138,11 +146,11 @@ class HybridDrafter(Drafter):
         # floats, the cost of Token Recycling's anchor step and that step (None: no anchor)
         self._curve: tuple = (None, None, [], None, None)  # see _view
         self.cut_for: tuple[int, ...] = CUT_FOR
-        self._table: tuple = (None, None, None, [])  # (curve, choice, sizes, rows): see _pair_table
+        self._table: tuple = (None, None, None, [], None)  # (curve, choice, sizes, rows, rule): see _pair_table
         self._misses: tuple = (None, {})  # (choice, {plan size: miss by depth}): see _miss
         self._ctx: DraftContext | None = None  # the last sized device step's context (see _prepare)
-        # (the engine's curve, Token Recycling's choice, pair table, smallest plan) at the last step
-        self._last: tuple = (None, None, [], 0)
+        # (the engine's curve, Token Recycling's choice, pair table, smallest plan, rule) at the last step
+        self._last: tuple = (None, None, [], 0, None)
 
     # ------------------------------------------------------------------ Token Recycling's face
     @property
@@ -289,11 +297,12 @@ class HybridDrafter(Drafter):
         self._ctx = ctx
         last = self._last
         if last[0] is ctx.latency and last[1] is tr._gain and tr._since < RECHOOSE and ctx.budget >= ATTACH_LIMIT:
-            rows, low = last[2], last[3]  # (the engine's curve as at the last step: see _view, _options)
+            rows, low, rule = last[2], last[3], last[4]  # (the engine's curve as at the last step: see _view, _options)
         else:
             sizes, rows = self._options(ctx, self._view(ctx))
             low = min(sizes)
-            self._last = (ctx.latency, tr._gain, rows, low)
+            rule = self._table[4] if ctx.budget >= ATTACH_LIMIT else None
+            self._last = (ctx.latency, tr._gain, rows, low, rule)
         r = self.retriever.retrieve(ctx, min_match=self.min_match) if ctx.budget - low >= ATTACH_SLOTS[0] else None
         if r is not None and not self.strong(r):
             # a weak match (below min_match / min_score) is not weighed: replaying the H100's
@@ -301,6 +310,8 @@ class HybridDrafter(Drafter):
             # tokens beyond the plan's path, and weighing and learning from them cost more host
             # time a step than that (the pair choice ran at every step, not at 40% of them)
             r = None
+        if rule is not None:
+            return self._ruled_step(rule, r)
         s_o = None
         if r is not None and r.tree.size > 1:
             # (Python lists: a tree has at most a few dozen nodes, and numpy's per-call cost
@@ -356,6 +367,70 @@ class HybridDrafter(Drafter):
             cost = next(c for x, c, _ in layouts if x >= tree.size - 1)
             m = max(x for x, c, _ in layouts if tree.size - 1 <= x <= ctx.budget - P and c <= cost)
         return self._assemble(base, m, tree)
+
+    def _ruled_step(self, rule: tuple[int, list[tuple[int, int]]], r) -> DeviceStep:
+        """The anchor's pair choice where the pair table reduces it to a rule (see _anchor_rule):
+        no strong retrieval tree, the anchor plan alone; else the smallest layout that holds
+        the tree (its best nodes by score if none does), beside the plan cut by that layout."""
+        anchor, layouts = rule
+        tr = self.tr
+        self.ruled += 1
+        if r is None or r.tree.size <= 1:
+            return self._assemble(tr.plan_step(anchor), 0, None)
+        tree = r.tree
+        n = tree.size - 1
+        for m, P in layouts:
+            if n <= m:
+                break
+        else:
+            keep = order_nodes(tree.scores, tree.parents)[:m]
+            tree = _subset(tree, sorted(int(i) for i in keep))
+        return self._assemble(tr.plan_step(P), m, tree)
+
+    def _anchor_rule(self, rows: list[tuple], sizes: list[int]) -> tuple | None:
+        """(anchor, [(layout m, the plan cut by it)...]) where the pair choice reduces to a rule
+        (see _ruled_step), else None.
+
+        That is where Token Recycling's own choice is its anchor (``TokenRecycling.anchor``:
+        on an H100, tr80's 96-node step, 95 nodes), each layout of CUT_FOR rides in the
+        anchor's step beside the plan cut by it (87 + 8, 63 + 32), and every other pair is
+        predicted slower than those at any gain of the retrieval tree (it costs a costlier step
+        for no more than the gain of a larger plan, or in the anchor's step it holds fewer
+        nodes). Within the anchor's step the choice is one of gains alone: the retrieval tree's
+        best nodes against the plan's lowest-ranked ones that they displace, plus the host time
+        of loading the tree. Where those are worth at most RULE_DISPLACED of the least a strong
+        tree promises (``min_score``), a strong tree is attached in the smallest layout that
+        holds it. Replaying recorded steps with an H100's curve (2,764 and 1,490 steps) the pair
+        choice took exactly the rule's pair at every step; the rule skips the calibration of the
+        tree's scores, the pair loop and the calibration's learning after the step, host time
+        on the critical path of every step."""
+        anchor, cost = self._curve[4], self._curve[3]
+        cuts = sorted(self.cut_for)
+        if anchor is None or not cuts or not sizes or sizes[0] != anchor:
+            return None
+        by = {row[0]: row for row in rows}
+        rule = {m: anchor - m for m in cuts}
+        if anchor not in by or any(P not in by for P in rule.values()):
+            return None
+        for m, P in rule.items():
+            if (m, cost, 1.0) not in by[P][4]:  # (m nodes beside the cut plan: the anchor's step)
+                return None
+        g_anchor, rate_anchor = by[anchor][1], by[anchor][2]
+        displaced = g_anchor - by[rule[cuts[-1]]][1] + g_anchor * self._load_cost / cost
+        if displaced > RULE_DISPLACED * self.min_score:
+            return None
+        for P, g, rate, _, layouts in rows:
+            if P != anchor and rate > rate_anchor:
+                return None
+            for m, c, h in layouts:
+                if c <= cost:  # in the anchor's step: no more plan nodes and no more slots than a rule pair
+                    if not any(P2 >= P and m2 >= m for m2, P2 in rule.items()):
+                        return None
+                elif m not in rule or c * h <= cost or g / (c * h) >= by[rule[m]][1] / cost:
+                    # ((g + x) / (c h) against (g_cut + x) / cost, x >= 0 the tree's gain: at x = 0
+                    # and in slope)
+                    return None
+        return anchor, sorted(rule.items())
 
     def _options(self, ctx: DraftContext, curve) -> tuple[list[int], list[tuple]]:
         """Token Recycling's plan sizes and the pair table over them (see _pair_table), as at
@@ -434,7 +509,7 @@ class HybridDrafter(Drafter):
                 layouts.append((m, cm, handicap(cm)))
             alone = g / c / handicap(c) if P in sizes else -1.0  # (a cut plan comes with a retrieval tree)
             rows.append((P, g, alone, self._miss(P), layouts))
-        self._table = (curve, tr._gain, sizes, rows)
+        self._table = (curve, tr._gain, sizes, rows, self._anchor_rule(rows, sizes))
         return rows
 
     def _miss(self, P: int) -> list[float]:

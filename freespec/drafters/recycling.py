@@ -134,6 +134,7 @@ class TokenRecycling(Drafter):
         self._plan: tuple[TreeShape, torch.Tensor, int] | None = None  # the chosen subset (None: plain)
         self._dev_plan: tuple | None = None  # (serial, shape, node indices) of a plan on the device (propose)
         self._by_size: dict[int, list] = {}  # device steps: plan buffers by plan size (see _plan_step)
+        self._taken: dict[int, DeviceStep] = {}  # device steps plan_step took since the last choice
         self._full_step: DeviceStep | None = None  # device step of a fixed template
         self._since = RECHOOSE  # steps since the last choice
         self._choice = None  # (latency curve, budget) of the last step's plan (see learn)
@@ -203,6 +204,7 @@ class TokenRecycling(Drafter):
         """Pick the node subset for the next steps; returns its size (0 = plain decoding).
         ``read``: the statistics as ``_read_stats`` returned them (else read now)."""
         n_base = self.template.size
+        self._taken = {}
         if curve is None:  # no latency curve: the device's fixed default, cut from the base
             k = min(get_template(self.fixed).size, n_base, budget)
             order = np.arange(1, k + 1)
@@ -367,7 +369,10 @@ class TokenRecycling(Drafter):
         if size == 0:
             return None
         self._filled = True
-        return self._plan_step(self._sized_plan(size))
+        ds = self._taken.get(size)  # (a size's plan, and what its buffer holds, change only with a choice)
+        if ds is None:
+            ds = self._taken[size] = self._plan_step(self._sized_plan(size))
+        return ds
 
     def prepare(self, sizes) -> None:
         """Build the plans of ``sizes`` (``plan_options``' sizes, or cuts of the current plan)
@@ -564,10 +569,16 @@ class TokenRecycling(Drafter):
             self._filled = False
             counts = self._learns()
         if not counts:
-            if self._after is None:
+            after = self._after
+            if after is None:
+                return None
+            after.extend(accepted)  # (the held count's next tokens: only counting it waits)
+            if len(after) < len(self._seen_np) - 1:
                 return None
             if defer:
-                return functools.partial(self._feed, accepted)
+                return self._count_held
+            self._count_held()
+            return None
         self._feed(accepted)
         if not counts:
             return None
