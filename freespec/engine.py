@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .backends.base import Backend
+from .cost import CACHE_STEP
 from .drafters import Drafter, DraftContext, make_drafter
 from .tree import Draft, TreeShape
 from .verify import (
@@ -26,6 +27,10 @@ from .verify import (
     sample_verify,
     top_k_ids,
 )
+
+# The engine rebuilds the curve it hands to drafters when its host overhead has moved by this
+# fraction of a plain step (see Engine._step_curve).
+OVERHEAD_DRIFT = 0.01
 
 
 class EngineError(ValueError):
@@ -125,7 +130,8 @@ class Engine:
         # choice see true step-time ratios (on the GPU machine ~0.35 ms of a ~3 ms step,
         # which favours larger trees).
         self.host_overhead = 0.0
-        self._curve_for: tuple = (None, 0.0, None)  # (base curve, overhead, base + overhead)
+        # (latency model, cache key, overhead range, base + overhead, its plain step): see _step_curve
+        self._curve_for: tuple = (None, None, 0.0, 0.0, None, 0.0)
 
     def ensure_latency(self, progress=None):
         """The latency curve for this model/device/backend: cached on disk, measured if missing."""
@@ -137,13 +143,18 @@ class Engine:
 
     def _step_curve(self, lat, cache_len: int):
         """The latency curve at this cache length plus the host overhead (rebuilt only when the
-        base curve changes or the overhead moves by 1% of a plain step)."""
+        base curve changes, every CACHE_STEP tokens of cache, or the overhead moves by
+        OVERHEAD_DRIFT of a plain step). (Python numbers in the check: it runs every step, and
+        numpy scalars cost ~10 us a step on the GPU machine's host.)"""
+        key = cache_len // CACHE_STEP
+        lat_, key_, lo, hi, c, _ = self._curve_for
+        ovh = self.host_overhead
+        if lat_ is lat and key_ == key and lo <= ovh <= hi:
+            return c
         base = lat.curve(cache_len)
-        b, ovh, c = self._curve_for
-        if b is not base or abs(ovh - self.host_overhead) > 0.01 * base[1]:
-            ovh = self.host_overhead
-            c = base + ovh
-            self._curve_for = (base, ovh, c)
+        plain = float(base[1])
+        c = base + ovh
+        self._curve_for = (lat, key, ovh - OVERHEAD_DRIFT * plain, ovh + OVERHEAD_DRIFT * plain, c, float(c[1]))
         return c
 
     # ------------------------------------------------------------------ prompts
@@ -378,7 +389,7 @@ class Engine:
             stats.time_verify += tc - tb
             stats.time_other += td - tc
             if curve is not None:  # (a step with a long pause, e.g. a garbage collection, is capped)
-                spent = min((tb - ta) + (td - tc), curve[1])
+                spent = min((tb - ta) + (td - tc), self._curve_for[5])
                 self.host_overhead += 0.05 * (spent - self.host_overhead)
             if piece:
                 yield piece

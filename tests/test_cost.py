@@ -763,30 +763,39 @@ def test_deferred_learning_leaves_what_learning_at_once_leaves():
 
 
 def test_device_steps_rechoose_the_plan_in_deferred_work():
-    """On device steps the re-choice due every RECHOOSE steps reads the statistics back between
-    steps (in ``done``) and picks the plan in the deferred work, which runs while the next step
-    computes: the next step's draft does not wait for it (host steps choose at once)."""
+    """On device steps the re-choice due every RECHOOSE steps never waits between steps: the
+    statistics' read back starts in the deferred work (while the next step computes), and the
+    choice runs in the deferred work of the step after, reading what was copied (host steps
+    choose at once). The choice sees the counts as of the read."""
     from freespec.drafters import recycling as R
 
     tr = TokenRecycling(vocab_size=50, template="auto")
     calls = []
     choose = tr.choose
-    tr.choose = lambda curve, budget, read=None: calls.append(read is not None) or choose(curve, budget, read=read)
+    tr.choose = lambda curve, budget, read=None: calls.append(None if read is None else read.copy()) or choose(curve, budget, read=read)
     ctx = DraftContext(tokens=[1, 2, 3, 5], root=None, prompt_len=3, budget=200, latency=flat().curve())
     ds = tr.device_step(ctx)  # the first step chooses at once
-    assert ds is not None and calls == [False]
+    assert ds is not None and calls == [None]
     for _ in range(R.RECHOOSE - 1):
         later = ds.done([7])
         if later is not None:
             later()
         ds = tr.device_step(ctx)
-    assert calls == [False]
+    read = tr._read_stats
+    tr._read_stats = lambda: pytest.fail("a device step's choice read the statistics with a sync")
     later = ds.done([7])  # the RECHOOSE-th step since the choice: due
-    assert later is not None and calls == [False] and tr._since == 0
-    tr.device_step(ctx)  # the next step drafts with the plan it has
-    assert calls == [False]
-    later()
-    assert calls == [False, True]
+    assert later is not None and len(calls) == 1 and tr._since == 0
+    ds = tr.device_step(ctx)  # the next step drafts with the plan it has
+    later()  # (its window) the read starts
+    tr.stats.hits += 5.0  # counted after the read
+    later = ds.done([7])
+    assert later is not None and len(calls) == 1
+    tr.device_step(ctx)
+    later()  # (the next window) the choice
+    assert len(calls) == 2 and tr._since == 2  # (counted from when it fell due)
+    n = len(tr.stats.prior)
+    tr._read_stats = read
+    assert np.allclose(calls[1][n : 2 * n], 0.0) and tr._read_stats()[n : 2 * n].min() > 4.0  # (hits: none of 7s)
 
 
 def test_hybrid_reads_the_latency_curve_again_when_it_has_moved(monkeypatch):
@@ -824,7 +833,11 @@ def test_hybrid_prepares_the_next_step_while_a_step_runs(monkeypatch):
     tr._since = R.RECHOOSE  # the plan is due to be chosen again
     gain = tr._gain
     later = h._learn([7, 8])
-    assert later is not None and tr._gain is gain  # the choice waits for the window
+    assert later is not None and tr._gain is gain  # the read back waits for the window ...
+    later()
+    h.device_step(ctx)
+    later = h._learn([7, 8])
+    assert later is not None and tr._gain is gain  # ... and the choice for the next one
     later()
     table = h._table
     assert tr._gain is not gain and table[1] is tr._gain and table[0] is h._curve[1]
@@ -930,3 +943,19 @@ def test_recycling_plan_step_follows_a_new_choice(monkeypatch):
     assert tr.plan_step(95) is ds
     laid = tr._by_size[96][1].tolist()
     assert j in laid and laid == [0, *tr._plan_key]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, an asynchronous copy)")
+def test_recycling_reads_statistics_without_a_sync_on_cuda():
+    """On CUDA the read back for a device step's choice is an asynchronous copy into pinned
+    memory, ordered after the work enqueued before it; once the stream has synced, it holds
+    what a read with a sync returns."""
+    tr = TokenRecycling(vocab_size=50, template="auto", device="cuda")
+    tr.stats.tries.add_(torch.arange(len(tr.stats.prior), device="cuda", dtype=torch.float32))
+    tr._realized.fill_(2.5)
+    tr._realized_n.fill_(3.0)
+    tr._reading = [None, False]
+    tr._start_read()
+    assert tr._reading[1] and tr._stats_host.is_pinned()
+    torch.cuda.synchronize()
+    assert np.allclose(tr._stats_np.astype(np.float64), tr._read_stats())

@@ -169,6 +169,12 @@ class TokenRecycling(Drafter):
         self._rank_host = torch.zeros(n, dtype=torch.long, pin_memory=dev.type == "cuda")  # staging for it
         self._realized = torch.zeros(n, dtype=torch.float32, device=dev)
         self._realized_n = torch.zeros(1, dtype=torch.float32, device=dev)
+        # the statistics a choice reads (tries, hits, realized gain, its count), read back without
+        # a sync on device steps (see _start_read); [choice arguments, read started] meanwhile
+        self._stats_dev = torch.zeros(3 * n + 1, dtype=torch.float32, device=dev)
+        self._stats_host = self._stats_dev if dev.type == "cpu" else torch.zeros(3 * n + 1, dtype=torch.float32, pin_memory=True)
+        self._stats_np = self._stats_host.numpy()
+        self._reading: list | None = None
         self._gain: np.ndarray | None = None  # expected accepted nodes of the top k, k = 0..n-1, at the last choice
         self._miss: dict[int, list[float]] = {}  # plan_miss by plan size, at the last choice
         self._cand: tuple | None = None  # candidates(): (ranked, gain, parents, limit, nodes, tree parents, scores)
@@ -192,10 +198,8 @@ class TokenRecycling(Drafter):
         return self.stats.path_probs()
 
     def _read_stats(self) -> np.ndarray:
-        """One read back of everything a choice looks at (each read is a sync on a GPU). Taken
-        between steps, where the device is idle: on an H100 machine's host it cost 55 us (two
-        scalings, a concatenation, the copy); a copy into pinned memory waited on in the next
-        step's window cost 69 us there (the event), so the sync stays."""
+        """One read back of everything a choice looks at, at once (a sync on a GPU): for choices
+        made between host steps; device steps read without a sync (``_start_read``)."""
         st = self.stats
         st.fold_decay()
         return torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
@@ -532,20 +536,43 @@ class TokenRecycling(Drafter):
     def learn(self, accepted: list[int], defer: bool = False, then=None):
         """Acceptance statistics of every base node from the tokens this step emitted (see
         ``_learn_counts``). ``defer`` (device steps): when the plan is due to be re-chosen, the
-        statistics are read back now (the device is idle between steps) and the choice is
-        returned with the deferred work, to run while the next step computes: ~0.15 ms of host
-        work every RECHOOSE steps (an H100 machine's host: ~3x that) off the steps' critical
-        path; the plan it picks drafts from the step after. ``then``: a callable to run after
-        such a deferred choice (a caller's own preparation for the new plan)."""
+        read back of the statistics is returned with the deferred work, to start while the next
+        step computes (``_start_read``), and the choice at the step after that, with that step's
+        deferred work: ~0.15 ms of host work every RECHOOSE steps (an H100 machine's host: ~3x
+        that) and the read's sync off the steps' critical path; the plan it picks drafts from the
+        step after. ``then``: a callable to run after such a deferred choice (a caller's own
+        preparation for the new plan)."""
         later = self._learn_counts(accepted, defer)
-        if defer and self.auto and self._since >= RECHOOSE and self._choice is not None:
-            read = self._read_stats()
-            self._since = 0
-            choice = functools.partial(self.choose, *self._choice, read=read)
+        if not defer or not self.auto:
+            return later
+        if self._reading is not None and self._reading[1]:
+            # the read started in the last window is done: the step since ended with a sync
+            args = self._reading[0]
+            self._reading = None
+            choice = functools.partial(self.choose, *args, read=self._stats_np.astype(np.float64))
             if then is not None:
                 choice = _both(choice, then)
             later = choice if later is None else _both(later, choice)
+        elif self._since >= RECHOOSE and self._choice is not None and self._reading is None:
+            self._since = 0
+            self._reading = [self._choice, False]
+            later = self._start_read if later is None else _both(later, self._start_read)
         return later
+
+    def _start_read(self) -> None:
+        """Start the read back of the statistics for a choice (deferred work, while a step runs
+        on the device): into pinned memory, without a wait; ``learn`` hands it to the choice at
+        the next step, whose end (the step's one sync) follows the copy. On an H100 machine's
+        host a read with a sync between steps cost 55 us alone and ~240 us inside a run (the
+        concatenation, the copy and the sync on the critical path, every RECHOOSE steps)."""
+        if self._reading is None:  # (dropped by reset / load meanwhile)
+            return
+        self.stats.fold_decay()
+        st = self.stats
+        torch.cat((st.tries, st.hits, self._realized, self._realized_n), out=self._stats_dev)
+        if self._stats_dev is not self._stats_host:
+            self._stats_host.copy_(self._stats_dev, non_blocking=True)
+        self._reading[1] = True
 
     def _learn_counts(self, accepted: list[int], defer: bool = False):
         """Acceptance statistics of every base node from the tokens this step emitted (host
@@ -587,6 +614,8 @@ class TokenRecycling(Drafter):
         self._held.copy_(self._seen)  # (on the device, before the next step fills _seen again)
         self._after = list(accepted)
         if len(self._after) >= len(self._seen_np) - 1:
+            if defer:  # (the next step does not touch _held)
+                return self._count_held
             self._count_held()
         return None
 
@@ -712,6 +741,7 @@ class TokenRecycling(Drafter):
         self._realized.zero_()
         self._realized_n.zero_()
         self._after = None  # a held count belongs to the statistics just cleared
+        self._reading = None  # and so does a read under way
         self._since = RECHOOSE
 
     def save(self, path: str | Path) -> None:
@@ -737,6 +767,7 @@ class TokenRecycling(Drafter):
         if stats is not None and state.get("template") == self.template.name:
             self.stats.load_state_dict(stats)
         self._after = None  # a held count is of the matrix and statistics replaced
+        self._reading = None
         self._since = RECHOOSE
 
 
