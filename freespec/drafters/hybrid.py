@@ -69,10 +69,11 @@ ATTACH_LIMIT = 128
 CUT_FOR = (8, 32)
 # The pair choice re-reads the engine's latency curve when it has moved this much (see _view).
 CURVE_DRIFT = 0.02
-# The anchor's pair choice becomes a rule (see HybridDrafter._anchor_rule) where the plan nodes a
-# retrieval tree displaces, plus the time of loading it, are worth at most this fraction of the
-# least a strong tree promises (min_score).
-RULE_DISPLACED = 0.2
+# The anchor's pair choice becomes a rule (see HybridDrafter._anchor_rule) where the plan nodes
+# each layout displaces (the smallest: plus the time of loading a tree) are worth at most this
+# fraction of the least a strong tree promises (min_score). (Replaying recorded steps with an
+# H100's curve: 0.04-0.14 tokens for 87 + 8 against 95 alone, ~0.15 for 63 + 32 against 87 + 8.)
+RULE_DISPLACED = 0.35
 _CHAIN = [-1, *range(ATTACH_LIMIT)]  # a chain's parents (sliced to its size)
 
 
@@ -392,45 +393,38 @@ class HybridDrafter(Drafter):
         (see _ruled_step), else None.
 
         That is where Token Recycling's own choice is its anchor (``TokenRecycling.anchor``:
-        on an H100, tr80's 96-node step, 95 nodes), each layout of CUT_FOR rides in the
-        anchor's step beside the plan cut by it (87 + 8, 63 + 32), and every other pair is
-        predicted slower than those at any gain of the retrieval tree (it costs a costlier step
-        for no more than the gain of a larger plan, or in the anchor's step it holds fewer
-        nodes). Within the anchor's step the choice is one of gains alone: the retrieval tree's
-        best nodes against the plan's lowest-ranked ones that they displace, plus the host time
-        of loading the tree. Where those are worth at most RULE_DISPLACED of the least a strong
-        tree promises (``min_score``), a strong tree is attached in the smallest layout that
-        holds it. Replaying recorded steps with an H100's curve (2,764 and 1,490 steps) the pair
-        choice took exactly the rule's pair at every step; the rule skips the calibration of the
-        tree's scores, the pair loop and the calibration's learning after the step, host time
-        on the critical path of every step."""
+        on an H100, tr80's 96-node step, 95 nodes) and each layout of CUT_FOR rides in the
+        anchor's step beside the plan cut by it (87 + 8, 63 + 32). There a retrieval tree stays
+        in the anchor's step: pairs that cost more (95 + 8 or 95 + 32 nodes in the 128-node
+        step) are left out, as they need ANCHOR_MARGIN in the pair choice, and on an H100 such
+        steps ran slower than the anchor's for their extra tokens (docs/benchmarks.md, ninth
+        session). Within the anchor's step the choice is one of gains alone: the retrieval
+        tree's best nodes against the plan's lowest-ranked ones they displace (plus the host
+        time of loading the tree, for the smallest layout). Where each layout displaces at
+        most RULE_DISPLACED of the least a strong tree promises (``min_score``), a strong tree
+        goes in the smallest layout that holds it. Replaying recorded steps with an H100's curve
+        (2,764 and 1,490 steps) the pair choice took the rule's pair at every step; on the H100
+        it attached trees at about as many steps as hybrid:tr80, which attaches every strong one.
+        The rule skips the calibration of the tree's scores, the pair loop and the calibration's
+        learning after the step: host time on the critical path of every step."""
         anchor, cost = self._curve[4], self._curve[3]
         cuts = sorted(self.cut_for)
         if anchor is None or not cuts or not sizes or sizes[0] != anchor:
             return None
         by = {row[0]: row for row in rows}
-        rule = {m: anchor - m for m in cuts}
-        if anchor not in by or any(P not in by for P in rule.values()):
-            return None
-        for m, P in rule.items():
-            if (m, cost, 1.0) not in by[P][4]:  # (m nodes beside the cut plan: the anchor's step)
+        rule = [(m, anchor - m) for m in cuts]
+        if anchor not in by or any(P not in by or (m, cost, 1.0) not in by[P][4] for m, P in rule):
+            return None  # (m nodes beside the cut plan: the anchor's step)
+        rate = by[anchor][2]
+        if any(P != anchor and alone > rate for P, _, alone, _, _ in rows):
+            return None  # (a plan alone predicted faster than the anchor's: not Token Recycling's choice)
+        g = by[anchor][1]
+        load = g * self._load_cost / cost  # (tokens' worth of the host time of a load)
+        for m, P in rule:
+            if g - by[P][1] + load > RULE_DISPLACED * self.min_score:
                 return None
-        g_anchor, rate_anchor = by[anchor][1], by[anchor][2]
-        displaced = g_anchor - by[rule[cuts[-1]]][1] + g_anchor * self._load_cost / cost
-        if displaced > RULE_DISPLACED * self.min_score:
-            return None
-        for P, g, rate, _, layouts in rows:
-            if P != anchor and rate > rate_anchor:
-                return None
-            for m, c, h in layouts:
-                if c <= cost:  # in the anchor's step: no more plan nodes and no more slots than a rule pair
-                    if not any(P2 >= P and m2 >= m for m2, P2 in rule.items()):
-                        return None
-                elif m not in rule or c * h <= cost or g / (c * h) >= by[rule[m]][1] / cost:
-                    # ((g + x) / (c h) against (g_cut + x) / cost, x >= 0 the tree's gain: at x = 0
-                    # and in slope)
-                    return None
-        return anchor, sorted(rule.items())
+            g, load = by[P][1], 0.0  # (a larger layout displaces more of the plan than the smaller)
+        return anchor, rule
 
     def _options(self, ctx: DraftContext, curve) -> tuple[list[int], list[tuple]]:
         """Token Recycling's plan sizes and the pair table over them (see _pair_table), as at
