@@ -72,7 +72,8 @@ CURVE_DRIFT = 0.02
 # The anchor's pair choice becomes a rule (see HybridDrafter._anchor_rule) where the plan nodes
 # each layout displaces (the smallest: plus the time of loading a tree) are worth at most this
 # fraction of the least a strong tree promises (min_score). (Replaying recorded steps with an
-# H100's curve: 0.04-0.14 tokens for 87 + 8 against 95 alone, ~0.15 for 63 + 32 against 87 + 8.)
+# H100's curve, at 71 table builds: 0.013-0.057 tokens for 87 + 8 against 95 alone, load
+# included, and 0.024-0.153 for 63 + 32 against 87 + 8.)
 RULE_DISPLACED = 0.35
 _CHAIN = [-1, *range(ATTACH_LIMIT)]  # a chain's parents (sliced to its size)
 
