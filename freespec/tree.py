@@ -25,6 +25,16 @@ class TreeError(ValueError):
     pass
 
 
+def _path_entries(paths: Sequence[tuple[int, ...]], first: int = 0):
+    """The entries of root-to-node ``paths`` (node ``first + i``'s path is ``paths[i]``) as
+    numpy arrays: (path lengths, the path entries flattened, each entry's row, its depth)."""
+    lens = np.fromiter(map(len, paths), dtype=np.int64, count=len(paths))
+    flat = np.fromiter(itertools.chain.from_iterable(paths), dtype=np.int64, count=int(lens.sum()))
+    rows = np.repeat(np.arange(first, first + len(paths)), lens)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    return lens, flat, rows, cols
+
+
 @dataclass(frozen=True, eq=False)
 class TreeShape:
     """The structure of a draft tree, independent of its tokens (cached for static templates)."""
@@ -54,10 +64,7 @@ class TreeShape:
             if not 0 <= p < i:
                 raise TreeError(f"node {i} has parent {p}: nodes must come after their parent")
             paths[i] = paths[p] + (i,)
-        lens = np.fromiter(map(len, paths), dtype=np.int64, count=n)
-        flat = np.fromiter(itertools.chain.from_iterable(paths), dtype=np.int64, count=int(lens.sum()))
-        rows = np.repeat(np.arange(n), lens)
-        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)  # depth of each entry
+        lens, flat, rows, cols = _path_entries(paths)
         depth = lens - 1
         max_depth = int(depth.max())
         # paths[i, d]: the ancestor of i at depth d (0 past depth[i]); ancestors[i, j]: j is on
@@ -228,10 +235,7 @@ class AttachBuffer:
                 gpar[j], paths[j] = P + p, paths[p] + (P + j,)
             else:
                 raise TreeError(f"attached node {jj} has parent {p}: nodes must come after their parent")
-        lens = np.fromiter(map(len, paths), dtype=np.int64, count=m)
-        flat = np.fromiter(itertools.chain.from_iterable(paths), dtype=np.int64, count=int(lens.sum()))
-        rows = np.repeat(np.arange(P, P + m), lens)
-        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)  # depth of each entry
+        lens, flat, rows, cols = _path_entries(paths, first=P)
         par_np[P:] = gpar
         dep_np[P:] = lens - 1
         paths_np[P:] = 0

@@ -102,3 +102,26 @@ def test_device_steps_identical_on_the_real_model(default_model, drafter):
     assert max(mats) > 1.2
     if drafter == "hybrid":
         assert tr.drafter.used["attached"] > 0
+
+
+def test_automatic_hybrid_on_a_gpu_like_curve_identical_on_the_real_model(default_model):
+    """The automatic hybrid's device steps as an H100 takes them (its stepped latency curve, tr80
+    as the fixed tree: 95 nodes in the 96-node step, the anchor's rule cutting the plan to carry
+    retrieval trees), run eagerly on the CPU: token-identical to plain decoding."""
+    from freespec.backends.native import NativeBackend
+    from freespec.cost import LatencyModel
+    from freespec.drafters import make_drafter
+
+    model, tok = default_model
+    plain = Engine(model, tok, drafter=None)
+    be = NativeBackend(model, device_steps=True)
+    sizes, ms = [1, 2, 4, 8, 16, 32, 64, 96, 128, 256], [1.0] * 7 + [1.04, 1.08, 2.0]
+    curve = LatencyModel(sizes, [0], [[t / 1e3 for t in ms]], bucketed=True)
+    d = make_drafter("hybrid", vocab_size=be.vocab_size, device="cpu", template="auto")
+    d.tr.fixed = "tr80"
+    eng = Engine(model, tok, drafter=d, backend=be, latency=curve)
+    for text in PROMPTS[2:6]:
+        ids = plain.encode(text, chat=True)
+        assert eng.generate(ids, 48).tokens == plain.generate(ids, 48).tokens
+    assert d.ruled > 0 and d.used["attached"] > 0
+    assert set(d.tr.chosen_sizes) <= {95, 87, 63}

@@ -200,9 +200,14 @@ class TokenRecycling(Drafter):
     def _read_stats(self) -> np.ndarray:
         """One read back of everything a choice looks at, at once (a sync on a GPU): for choices
         made between host steps; device steps read without a sync (``_start_read``)."""
+        return self._gather_stats().double().cpu().numpy()
+
+    def _gather_stats(self) -> torch.Tensor:
+        """Everything a choice looks at, in one buffer on the device: [tries, hits, realized gain
+        by rank, its count] (the pending decay applied first)."""
         st = self.stats
         st.fold_decay()
-        return torch.cat((st.tries, st.hits, self._realized, self._realized_n)).double().cpu().numpy()
+        return torch.cat((st.tries, st.hits, self._realized, self._realized_n), out=self._stats_dev)
 
     def choose(self, curve: np.ndarray | None, budget: int, read: np.ndarray | None = None) -> int:
         """Pick the node subset for the next steps; returns its size (0 = plain decoding).
@@ -567,9 +572,7 @@ class TokenRecycling(Drafter):
         concatenation, the copy and the sync on the critical path, every RECHOOSE steps)."""
         if self._reading is None:  # (dropped by reset / load meanwhile)
             return
-        self.stats.fold_decay()
-        st = self.stats
-        torch.cat((st.tries, st.hits, self._realized, self._realized_n), out=self._stats_dev)
+        self._gather_stats()
         if self._stats_dev is not self._stats_host:
             self._stats_host.copy_(self._stats_dev, non_blocking=True)
         self._reading[1] = True
