@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 import torch
 
-from ..cost import LatencyModel, accepted_nodes
+from ..cost import CACHE_STEP, LatencyModel, accepted_nodes
 from ..drafters import DraftContext, make_drafter
 from .methods import BenchError, parse_method
 
@@ -84,9 +84,9 @@ def replay_host(recording: dict, latency: LatencyModel, method: str, fixed: str 
         pos, later = 1, None
         while pos < len(out):
             cache = len(seq) - 1
-            curve = curves.get(cache // 32)
+            curve = curves.get(cache // CACHE_STEP)
             if curve is None:
-                curve = curves[cache // 32] = latency.curve(cache) + host_s
+                curve = curves[cache // CACHE_STEP] = latency.curve(cache) + host_s
             ctx = DraftContext(tokens=seq, root=None, prompt_len=n_prompt, budget=max_length - cache - 1, latency=curve)
             t0 = clock()
             ds = d.device_step(ctx)

@@ -454,7 +454,7 @@ class HybridDrafter(Drafter):
     def _view(self, ctx: DraftContext) -> np.ndarray:
         """The latency curve the pair choice reads: the engine's, refreshed when it has moved
         by CURVE_DRIFT at the plain step or the largest attached step since the last refresh.
-        (The engine's curve is a new array every 32 tokens of cache; the anchor, the plan
+        (The engine's curve is a new array every CACHE_STEP tokens of cache; the anchor, the plan
         options and the pair table are rebuilt on a refresh, ~45 us of host time, where a
         cache grown by a few dozen tokens moves every step's cost alike.)"""
         curve = ctx.latency
