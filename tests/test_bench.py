@@ -450,3 +450,30 @@ def test_decode_only_speedup_leaves_prefill_out():
     assert o["hf-greedy"]["decode_tok_s"] is None and o["hf-greedy"]["decode_speedup"] is None
     md = report.render_markdown(report.summarize(recs))
     assert "Decode-only speedup over plain" in md and "2.00x" in md
+
+
+def test_timed_runs_start_collected_with_the_startup_heap_frozen(tiny, tmp_path, monkeypatch):
+    """Garbage collection stays out of the comparison: each timed generation starts right after a
+    collection (no garbage of another run or of the harness's records to trip the collector), with
+    the heap as it stood after the warm-up frozen; the freeze is undone when the bench returns."""
+    import gc
+
+    model, tok = tiny
+    orig = HFMethod.run
+    seen = []
+
+    def run(self, prompt_ids, max_new_tokens):
+        seen.append((gc.get_count()[0], gc.get_freeze_count()))
+        # garbage left for the next run to trip over, were nothing collected in between
+        junk = [[i] for i in range(5000)]
+        junk.append(junk)
+        return orig(self, prompt_ids, max_new_tokens)
+
+    monkeypatch.setattr(HFMethod, "run", run)
+    frozen_before = gc.get_freeze_count()
+    run_bench(model, tok, QUESTIONS[1:3], ["plain", "hf-greedy"], 6, tmp_path, progress=False)
+    timed = seen[1:]  # (the first: hf-greedy's warm-up run)
+    assert len(timed) == sum(len(q.turns) for q in QUESTIONS[1:3])
+    assert all(count < 100 for count, _ in timed), timed  # collected just before
+    assert all(frozen > frozen_before for _, frozen in timed)  # the startup heap frozen
+    assert gc.get_freeze_count() == frozen_before

@@ -7,6 +7,7 @@ model as the other commands do and wraps it. See ``PROTOCOL`` for how the runs a
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import platform
 import shlex
@@ -30,8 +31,11 @@ PROTOCOL = (
     "and turn, every method in turn) so machine drift hits all alike. Multi-turn questions run turn by turn "
     "with the chat template (a plain 'Question:/Answer:' transcript for models without one); the answer kept "
     "in the next turn's context is the reference's (plain) answer for every method, so all methods see the "
-    "same prompt ids in every turn. A record's time split (prefill/draft/verify/other) is the engine's own "
-    "and, on CUDA, not synchronised per phase."
+    "same prompt ids in every turn. Garbage collection: after the warm-up the heap is collected and frozen "
+    "(gc.freeze: the libraries' and the model's objects leave the collector's scans), and a collection runs, "
+    "untimed, before each timed generation, so that no run pays for the garbage of another or of the harness. "
+    "A record's time split (prefill/draft/verify/other) is the engine's own and, on CUDA, not synchronised "
+    "per phase."
 )
 
 
@@ -207,6 +211,14 @@ def run_bench(
                     m.run(ids, n)
                 break
 
+    # The collector: the startup heap (the libraries' and the model's objects: ~0.4M in a CPU run of
+    # SmolLM2) frozen out of its scans, where a full collection took 85-150 ms on this project's CPU;
+    # and a collection before each timed generation. Without them a pause fell in whichever run
+    # crossed the collector's threshold, mostly on garbage that another run or the harness's records
+    # had left (on the H100 a turn's host time differed between two hybrid methods by up to ~28 ms,
+    # either way, where the median turn differed by ~0.5 ms).
+    gc.collect()
+    gc.freeze()
     records: list[dict] = []
     skipped: list[dict] = []
     interrupted = False
@@ -225,6 +237,7 @@ def run_bench(
                 ref_run, turn_recs = None, []
                 for m in built:
                     bar.set_postfix_str(f"{q.question_id}#{turn + 1} {m.name}", refresh=False)
+                    gc.collect()
                     run = m.run(ids, limit)
                     if m is ref:
                         ref_run = run
@@ -239,6 +252,7 @@ def run_bench(
         interrupted = True
     finally:
         bar.close()
+        gc.unfreeze()
 
     cfg["interrupted"] = interrupted
     summary = summarize(records, reference=REFERENCE, baseline=HF_BASELINE)
